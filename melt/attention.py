@@ -1,0 +1,153 @@
+"""The one attention entry point of MELT: C queries over [prefix rows | chunk rows].
+
+`chunk_attention(q, k, v, k_prefix, v_prefix, key_mask)` is causal attention of a chunk's C queries over
+P prefix rows (already final, read in place from the cache) followed by the chunk's own C rows,
+bottom-right aligned: query i sees every prefix row and chunk rows 0..i. `key_mask` ([B, P + C], True =
+visible) carries padding and per-sequence chunk boundaries. A query with no visible key returns zeros.
+
+Backends, chosen per call:
+- "triton": this project's kernels (`kernels/chunk_attention`, installed as `melt_kernels`); default on CUDA.
+- "flash": flash-attn, an optional extra, used when installed and the call has no key mask.
+- "sdpa": torch's scaled_dot_product_attention. SDPA cannot return its log-sum-exp, so with a prefix
+  (P > 0) it could only attend by concatenating the prefix with the chunk; that copy is what MELT
+  avoids, and the call goes to "eager" instead.
+- "eager": plain PyTorch. Scores against the prefix and against the chunk are computed from the rows
+  where they live and softmaxed jointly in fp32; it is the reference and works with autograd everywhere.
+"auto" picks triton on CUDA when the kernels import, else sdpa. `MELT_ATTENTION_BACKEND` (environment)
+overrides the config's `attention_backend`; tests force one with `override_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Installed with this package; absent when a checkpoint's flat modeling files run without it.
+    from melt_kernels.chunk_attention import chunk_attention as triton_chunk_attention
+    from melt_kernels.gated_update import gated_update as triton_gated_update
+except ImportError:
+    triton_chunk_attention = None
+    triton_gated_update = None
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+BACKENDS = ("auto", "triton", "flash", "sdpa", "eager")
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def override_backend(name: str):
+    """Force one backend inside the block (tests use this to compare backends on the same model)."""
+    global _override
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def resolve_backend(configured: str, device: torch.device) -> str:
+    """The backend a call on `device` uses: override > environment > config > automatic choice."""
+    name = _override or os.environ.get("MELT_ATTENTION_BACKEND") or configured
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (MELT_ATTENTION_BACKEND or config); choose one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_chunk_attention is not None else "sdpa"
+    if name == "triton" and triton_chunk_attention is None:
+        raise ImportError("attention backend 'triton' needs the melt_kernels package (pip install melt)")
+    if name == "flash" and flash_attn_func is None:
+        raise ImportError("attention backend 'flash' needs flash-attn (pip install 'melt[cuda]')")
+    return name
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_prefix: torch.Tensor | None,
+    v_prefix: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """Attention of q `[B, H, C, D]` over prefix rows `[B, Hkv, P, D]` then chunk rows `[B, Hkv, C, D]`.
+
+    Returns `[B, H, C, D]`. `key_mask`: bool `[B, P + C]` or None. The prefix may be a strided view of a
+    larger cache buffer; no backend copies it.
+    """
+    prefix_len = 0 if k_prefix is None else k_prefix.shape[2]
+    if prefix_len == 0:
+        k_prefix = v_prefix = None
+    if backend == "triton":
+        return triton_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask=key_mask)
+    if backend == "flash" and key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash(q, k, v, k_prefix, v_prefix)
+    if backend in ("sdpa", "flash") and prefix_len == 0:
+        return _sdpa(q, k, v, key_mask)
+    return eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask)
+
+
+def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask) -> torch.Tensor:
+    batch, heads, chunk, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    prefix_len = 0 if k_prefix is None else k_prefix.shape[2]
+    # Queries of one kv head's group side by side: [B, Hkv, G*C, D]; the rows are never repeated per head.
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least (fp64 stays fp64)
+    qg = q.reshape(batch, kv_heads, group * chunk, dim).to(acc) * dim**-0.5
+    scores = [qg @ k.to(acc).transpose(-1, -2)]  # [B, Hkv, G*C, C]
+    if prefix_len:
+        scores.insert(0, qg @ k_prefix.to(acc).transpose(-1, -2))  # [B, Hkv, G*C, P]
+    scores = torch.cat(scores, dim=-1).view(batch, kv_heads, group, chunk, prefix_len + chunk)
+    causal = torch.ones(chunk, prefix_len + chunk, dtype=torch.bool, device=q.device).tril(prefix_len)
+    visible = causal if key_mask is None else causal & key_mask[:, None, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: zeros
+    probs = probs.view(batch, kv_heads, group * chunk, prefix_len + chunk)
+    out = probs[..., prefix_len:] @ v.to(acc)
+    if prefix_len:
+        out = out + probs[..., :prefix_len] @ v_prefix.to(acc)
+    return out.view(batch, heads, chunk, dim).to(q.dtype)
+
+
+def _sdpa(q, k, v, key_mask) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    chunk = q.shape[2]
+    visible = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril() & key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=group > 1)
+    return out.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+
+
+def _flash(q, k, v, k_prefix, v_prefix) -> torch.Tensor:
+    # flash-attn takes [B, S, H, D] and returns the log-sum-exp, so prefix and chunk are attended separately
+    # (prefix non-causal, chunk causal) and merged without concatenating the rows.
+    qt = q.transpose(1, 2)
+    out, lse, _ = flash_attn_func(qt, k.transpose(1, 2), v.transpose(1, 2), causal=True, return_attn_probs=True)
+    if k_prefix is None:
+        return out.transpose(1, 2)
+    out_p, lse_p, _ = flash_attn_func(
+        qt, k_prefix.transpose(1, 2), v_prefix.transpose(1, 2), causal=False, return_attn_probs=True
+    )
+    lse_max = torch.maximum(lse, lse_p)  # [B, H, C]
+    w, w_p = torch.exp(lse - lse_max), torch.exp(lse_p - lse_max)
+    merged = (out.float() * (w / (w + w_p)).transpose(1, 2)[..., None]) + (
+        out_p.float() * (w_p / (w + w_p)).transpose(1, 2)[..., None]
+    )
+    return merged.to(q.dtype).transpose(1, 2)
+
+
+def gated_update(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor, backend: str):
+    """Element-wise gate: `z = sigmoid(ga + gs + b)`, `s' = z * s + (1 - z) * a`; fused on CUDA when available."""
+    if backend == "triton" and a.is_cuda and triton_gated_update is not None:
+        return triton_gated_update(a, s, ga, gs, b)
+    z = torch.sigmoid(ga + gs + b)
+    return z * s + (1 - z) * a

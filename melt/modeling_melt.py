@@ -1,0 +1,662 @@
+"""MELT: a looped transformer that keeps one gated key/value row per token per layer.
+
+The architecture, in the choices that matter:
+- Loops. A stack of N layers runs T = `num_loops` times per token with the same weights (Ouro / LoopLM).
+  Each layer uses sandwich norms; the final norm runs after EVERY loop and its output feeds the next loop;
+  RoPE cos/sin are computed once per forward and shared by all loops. After each loop an exit gate gives a
+  hazard, hence an exit distribution over loops, used to pick which loop's logits a token returns.
+- Two cache modes. `per_loop` is Ouro exactly: loop t of layer l attends to loop-t rows, so the cache holds
+  N*T rows per token. `shared` is MELT: each layer carries a latent state `s` per token, updated by a gate
+  from the layer input `a` (`s = a` on the first loop, then `s = z*s + (1-z)*a`), keys/values come from `s`
+  and overwrite the token's ONE row, so the cache holds N rows per token for any T.
+- Chunks. A token's row is final only after its last loop, so `shared` mode processes a sequence in chunks
+  of `chunk_size` tokens: all loops of chunk c run (its tokens in parallel) attending to the final rows of
+  earlier chunks and to the chunk's own current-loop rows, then the chunk's rows are final. Chunk
+  boundaries are multiples of C on each sequence's own positions, so padding never changes a result.
+  Decoding one token at a time is C = 1, exact autoregressive semantics.
+- Phase-1 blend. `kv_blend_alpha` makes the attention read `alpha * KV_melt + (1 - alpha) * KV_loop`;
+  alpha = 0 is Ouro exactly, alpha = 1 is MELT. The converter ramps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+
+from .attention import chunk_attention, gated_update, resolve_backend
+from .cache_melt import MeltCache
+from .configuration_melt import MeltConfig, validate_exit_step, validate_num_loops
+
+
+class MeltRMSNorm(nn.Module):
+    """RMSNorm as Ouro computes it: normalise in fp32 (fp64 stays fp64), cast back to the input dtype, then scale."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin `[B, L, head_dim]` for `position_ids` `[B, L]` (rotate-half convention).
+
+    Computed once per forward and shared by every loop. inv_freq is rebuilt here rather than kept as a
+    buffer: it is D/2 numbers, and no buffer means nothing to re-create after meta-device loading.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, D]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, H, L, D]`; cos/sin `[B, L, D]`."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class MeltMLP(nn.Module):
+    def __init__(self, config: MeltConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MeltAttention(nn.Module):
+    """Ouro's projections. Queries always come from the layer input `a`; keys/values from whatever the
+    cache mode stores (`a` in per_loop mode, the latent state `s` in shared mode)."""
+
+    def __init__(self, config: MeltConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def query(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = a.shape
+        q = self.q_proj(a).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        return apply_rotary(q, cos, sin)
+
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = x.shape
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        return apply_rotary(k, cos, sin), v
+
+
+class MeltLatentGate(nn.Module):
+    """The latent update `s <- z * s + (1 - z) * a` of one layer, for each `gate_type`.
+
+    - elementwise: `z = sigmoid(a W^T + s U^T + b)`, one gate per hidden unit (W, U: [hidden, hidden]).
+    - scalar: the same with W, U: [1, hidden], b: [1]: one gate per token.
+    - mean: `s` is the running mean of the loops' `a` (z = (t-1)/t at loop t, counting from 1).
+    - ema: fixed `z = ema_decay`.
+    - last: `s = a`, only the latest loop's input is kept.
+    On the first loop `s = a` for every type. Parameters exist only for elementwise and scalar; see
+    `MeltPreTrainedModel._init_weights` for their initialisation.
+    """
+
+    def __init__(self, config: MeltConfig):
+        super().__init__()
+        self.gate_type = config.gate_type
+        self.ema_decay = float(config.ema_decay)
+        if self.gate_type in ("elementwise", "scalar"):
+            width = config.hidden_size if self.gate_type == "elementwise" else 1
+            self.W = nn.Parameter(torch.empty(width, config.hidden_size))
+            self.U = nn.Parameter(torch.empty(width, config.hidden_size))
+            self.b = nn.Parameter(torch.empty(width))
+
+    def forward(self, a: torch.Tensor, s: torch.Tensor | None, loop: int, backend: str) -> torch.Tensor:
+        if loop == 0 or s is None or self.gate_type == "last":
+            return a
+        if self.gate_type == "mean":
+            return s + (a - s) / (loop + 1)
+        if self.gate_type == "ema":
+            return torch.lerp(a, s, self.ema_decay)
+        ga, gs = F.linear(a, self.W), F.linear(s, self.U)
+        if self.gate_type == "scalar":
+            z = torch.sigmoid(ga + gs + self.b)  # [B, C, 1]
+            return z * s + (1 - z) * a
+        return gated_update(a, s, ga, gs, self.b, backend)
+
+
+class MeltDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MeltConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MeltAttention(config)
+        self.mlp = MeltMLP(config)
+        self.input_layernorm = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm_2 = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm_2 = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate = MeltLatentGate(config) if config.cache_mode == "shared" else None
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [B, C, hidden]: the chunk's residual stream
+        latent: torch.Tensor | None,  # [B, C, hidden]: the chunk's latent state `s` (shared mode), None on loop 0
+        cos: torch.Tensor,  # [B, C, head_dim]
+        sin: torch.Tensor,
+        k_prefix: torch.Tensor | None,  # [B, Hkv, P, D]: prefix rows this loop reads
+        v_prefix: torch.Tensor | None,
+        key_mask: torch.Tensor | None,  # [B, P + C] bool
+        loop: int,
+        kv_blend_alpha: float | None,
+        backend: str,
+    ):
+        """One layer at one loop, as a pure function of its inputs (so it can be checkpointed).
+
+        Returns `(hidden, latent, shared_rows, loop_rows, attn_out)`: `shared_rows` = (k, v) from the latent
+        (shared mode), `loop_rows` = (k, v) from `a` (per_loop mode, or the blend), `attn_out` `[B, C, H*D]`
+        the attention output before o_proj.
+        """
+        a = self.input_layernorm(hidden)
+        q = self.self_attn.query(a, cos, sin)
+        shared_rows = loop_rows = None
+        if self.gate is None:
+            loop_rows = self.self_attn.key_value(a, cos, sin)
+            k, v = loop_rows
+        else:
+            latent = self.gate(a, latent, loop, backend)
+            shared_rows = self.self_attn.key_value(latent, cos, sin)
+            k, v = shared_rows
+            if kv_blend_alpha is not None:
+                loop_rows = self.self_attn.key_value(a, cos, sin)
+                k, v = torch.lerp(loop_rows[0], k, kv_blend_alpha), torch.lerp(loop_rows[1], v, kv_blend_alpha)
+        attn = chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, backend)  # [B, H, C, D]
+        attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
+        hidden = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
+        hidden = hidden + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(hidden)))
+        return hidden, latent, shared_rows, loop_rows, attn
+
+
+class MeltPreTrainedModel(PreTrainedModel):
+    config_class = MeltConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MeltDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) linears and embeddings, unit norms (transformers' defaults), and the gate:
+
+        W and U start at ZERO and b at `gate_bias_init` (-3): every gate is then a fixed z = sigmoid(-3) ~ 0.05,
+        so a freshly converted model keeps ~95% of the current loop's input in its latent state, close to the
+        training-free `last` conversion, which is the strongest training-free baseline. Zero W, U still get
+        gradients (dz/dW = z(1-z) a), so training moves away from this start at once.
+        """
+        super()._init_weights(module)
+        if isinstance(module, MeltLatentGate) and hasattr(module, "W"):
+            init.zeros_(module.W)
+            init.zeros_(module.U)
+            init.constant_(module.b, self.config.gate_bias_init)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own MeltCache
+
+
+@dataclass
+class MeltModelOutput(ModelOutput):
+    """Output of `MeltModel`.
+
+    last_hidden_state: `[B, L, hidden]` final-normed hidden state of the loop selected per token.
+    past_key_values: the `MeltCache` (when `use_cache`).
+    exit_probs: `[B, L, T]` probability of exiting at each loop.
+    loop_hidden_states: T tensors `[B, L, hidden]`, one per loop (with `return_loop_outputs`).
+    attention_outputs: T tuples of N tensors `[B, L, H*D]`, attention output of (loop, layer) before o_proj
+        (with `return_loop_outputs`).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: MeltCache | None = None
+    exit_probs: torch.Tensor | None = None
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
+    attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+
+@dataclass
+class MeltCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the loop outputs of `MeltModelOutput`; `loop_logits`: T tensors `[B, L, V]`
+    (with `return_loop_outputs`)."""
+
+    exit_probs: torch.Tensor | None = None
+    loop_logits: tuple[torch.Tensor, ...] | None = None
+    attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+
+@dataclass
+class _Round:
+    """The tokens of this call that form one chunk of every sequence, processed through all loops together.
+
+    `columns` is a slice when every sequence has its chunk at the same columns (no padding, or padding that
+    keeps boundaries aligned); otherwise a `[B, W]` index tensor with `valid` marking real entries (the
+    chunk of sequence b is `columns[b, :count_b]`, contiguous).
+    """
+
+    columns: slice | torch.Tensor
+    valid: torch.Tensor | None
+    prefix_len: int  # cache columns visible to this round (the rows before it)
+    key_mask: torch.Tensor | None  # [B, prefix_len + W]
+    write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (batch, slot, cache column)
+
+    @property
+    def write_at(self) -> tuple[int, tuple | None]:
+        """Arguments `(start, index)` of `MeltCacheLayer.write` for this round's rows."""
+        return (self.prefix_len, None) if self.write_index is None else (0, self.write_index)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """Gather this round's entries of `x` `[B, L, ...]` -> `[B, W, ...]`."""
+        if isinstance(self.columns, slice):
+            return x[:, self.columns]
+        index = self.columns.view(*self.columns.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+
+class MeltModel(MeltPreTrainedModel):
+    def __init__(self, config: MeltConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(MeltDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MeltCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_loops: int | None = None,
+        kv_blend_alpha: float | None = None,
+        return_loop_outputs: bool = False,
+        exit_at_step: int | None = None,
+        early_exit_threshold: float | None = None,
+        **kwargs,
+    ) -> MeltModelOutput:
+        config = self.config
+        num_loops = config.num_loops if num_loops is None else num_loops
+        validate_num_loops(num_loops, "num_loops")
+        exit_at_step = config.exit_at_step if exit_at_step is None else exit_at_step
+        threshold = config.early_exit_threshold if early_exit_threshold is None else early_exit_threshold
+        if exit_at_step is not None:
+            validate_exit_step(exit_at_step, num_loops)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if length == 0 or batch == 0:
+            raise ValueError("empty input: input_ids/inputs_embeds must hold at least one token per sequence")
+        blend = self._check_blend(kv_blend_alpha)
+        if use_cache is None:
+            use_cache = config.use_cache
+        cache = past_key_values
+        if cache is None:
+            # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
+            cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
+        self._check_cache(cache, num_loops, blend)
+        past = cache.get_seq_length()
+
+        key_mask = self._full_key_mask(attention_mask, batch, past + length, inputs_embeds.device)
+        if position_ids is None:
+            if key_mask is not None:
+                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
+        real = None if key_mask is None else key_mask[:, past:]
+        max_position = int(position_ids.max() if real is None else position_ids.masked_fill(~real, 0).max())
+        if max_position >= config.max_position_embeddings:
+            raise ValueError(
+                f"sequence reaches position {max_position} but max_position_embeddings is "
+                f"{config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
+            )
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+        backend = resolve_backend(config.attention_backend, inputs_embeds.device)
+        rounds = self._plan_rounds(position_ids, real, key_mask, past, length, inputs_embeds.device)
+
+        keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
+        for layer_cache in cache.layers:
+            layer_cache.reserve(past + length, like=self._row_like(inputs_embeds, batch))
+        per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache, num_loops, blend, backend,
+                                     keep_loops, return_loop_outputs) for rnd in rounds]
+        for layer_cache in cache.layers:
+            layer_cache.length = past + length
+
+        def assemble(pieces):
+            return _assemble(pieces, rounds, length)
+
+        exit_logits = assemble([r["exit"] for r in per_round]).squeeze(-1)  # [B, L, T]
+        exit_probs = exit_distribution(exit_logits)
+        loop_hidden = {t: assemble([r["hidden"][t] for r in per_round]) for t in keep_loops}
+        if exit_at_step is not None:
+            selected = loop_hidden[exit_at_step]
+        elif threshold is not None and threshold < 1.0:
+            choice = select_exit_loop(exit_probs, threshold)  # [B, L]
+            stacked = torch.stack([loop_hidden[t] for t in range(num_loops)], dim=2)  # [B, L, T, hidden]
+            selected = stacked.gather(2, choice[..., None, None].expand(-1, -1, 1, stacked.shape[-1])).squeeze(2)
+        else:
+            selected = loop_hidden[num_loops - 1]
+        attention_outputs = None
+        if return_loop_outputs:
+            attention_outputs = tuple(
+                tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
+                for t in range(num_loops)
+            )
+        return MeltModelOutput(
+            last_hidden_state=selected,
+            past_key_values=cache if use_cache else None,
+            exit_probs=exit_probs,
+            loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
+            attention_outputs=attention_outputs,
+        )
+
+    # -- one round: all loops of one chunk -------------------------------------------------------------------
+
+    def _run_round(self, embeds, cos, sin, rnd: _Round, cache: MeltCache, num_loops, blend, backend, keep_loops,
+                   collect):
+        hidden = rnd.take(embeds)
+        cos, sin = rnd.take(cos), rnd.take(sin)
+        latents = [None] * len(self.layers)
+        final_rows = [None] * len(self.layers)
+        out = {"exit": [], "hidden": {}, "attn": [[None] * len(self.layers) for _ in range(num_loops)]}
+        for loop in range(num_loops):
+            for idx, layer in enumerate(self.layers):
+                k_prefix, v_prefix = self._prefix_rows(cache, idx, loop, rnd.prefix_len, blend)
+                hidden, latents[idx], shared_rows, loop_rows, attn = layer(
+                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend
+                )
+                if loop_rows is not None:  # per-loop rows are final as soon as they exist
+                    cache.layers[idx].write(cache.loop_slot(loop), *loop_rows, *rnd.write_at)
+                final_rows[idx] = shared_rows
+                if collect:
+                    out["attn"][loop][idx] = attn
+            hidden = self.norm(hidden)  # after every loop, feeding the next one
+            out["exit"].append(self.early_exit_gate(hidden))
+            if loop in keep_loops:
+                out["hidden"][loop] = hidden
+        if cache.has_shared_rows:  # the chunk's rows are final only now
+            for idx, rows in enumerate(final_rows):
+                cache.layers[idx].write(cache.shared_slot, *rows, *rnd.write_at)
+        out["exit"] = torch.stack(out["exit"], dim=2)  # [B, W, T, 1]
+        return out
+
+    def _prefix_rows(self, cache: MeltCache, layer_idx: int, loop: int, prefix_len: int, blend: float | None):
+        if prefix_len == 0:
+            return None, None
+        layer_cache = cache.layers[layer_idx]
+        if cache.cache_mode == "per_loop":
+            return layer_cache.rows(cache.loop_slot(loop), prefix_len)
+        k, v = layer_cache.rows(cache.shared_slot, prefix_len)
+        if blend is None:
+            return k, v
+        # Phase-1 blend of the prefix, materialised per (loop, layer): a training-time construct only.
+        k_loop, v_loop = layer_cache.rows(cache.loop_slot(loop), prefix_len)
+        return torch.lerp(k_loop, k, blend), torch.lerp(v_loop, v, blend)
+
+    # -- planning ---------------------------------------------------------------------------------------------
+
+    def _plan_rounds(self, position_ids, real, key_mask, past, length, device) -> list[_Round]:
+        """Split this call's columns into rounds (one chunk per sequence each); see `_Round`."""
+        per_loop = self.config.cache_mode == "per_loop"
+        chunk = self.config.chunk_size
+        if per_loop or length == 1:
+            # Per-loop rows make chunking irrelevant (every loop reads its own rows): one parallel round.
+            return [_Round(slice(0, length), None, past, _mask_upto(key_mask, past + length))]
+        pos = position_ids.detach().cpu()
+        real_cpu = None if real is None else real.detach().cpu()
+        chunk_ids = pos // chunk
+        if real_cpu is not None:
+            # Padding columns join the round of the nearest real token on their left (the first round when at
+            # the left edge): they are masked everywhere, only their place matters.
+            big = torch.iinfo(chunk_ids.dtype).min
+            chunk_ids = torch.where(real_cpu, chunk_ids, big).cummax(dim=1).values
+            first_real = torch.where(real_cpu, pos // chunk, torch.iinfo(chunk_ids.dtype).max).min(dim=1).values
+            chunk_ids = torch.maximum(chunk_ids, first_real[:, None])
+        round_ids = chunk_ids - chunk_ids[:, :1]  # [B, L], non-decreasing along L
+        if bool((round_ids == round_ids[:1]).all()):
+            bounds = torch.nonzero(round_ids[0, 1:] != round_ids[0, :-1]).flatten().add(1).tolist()
+            edges = [0, *bounds, length]
+            return [
+                _Round(slice(lo, hi), None, past + lo, _mask_upto(key_mask, past + hi))
+                for lo, hi in zip(edges[:-1], edges[1:])
+            ]
+        rounds = []
+        for r in range(int(round_ids.max()) + 1):
+            member = round_ids == r  # [B, L], contiguous per row
+            count = member.sum(1)
+            start = torch.where(count > 0, member.int().argmax(1), 0)  # argmax: first True column
+            width = int(count.max())
+            slots = torch.arange(width)
+            valid = slots[None] < count[:, None]
+            index = (start[:, None] + torch.minimum(slots[None], (count[:, None] - 1).clamp(min=0))).clamp(max=length - 1)
+            visible_prefix = past + int(start.max())
+            prefix_mask = torch.arange(visible_prefix)[None] < (past + start)[:, None]  # rows final before this round
+            if key_mask is not None:
+                km = key_mask.detach().cpu()
+                prefix_mask &= km[:, :visible_prefix]
+                chunk_mask = valid & km.gather(1, past + index)
+            else:
+                chunk_mask = valid
+            batch_idx, slot_idx = valid.nonzero(as_tuple=True)
+            write_index = (batch_idx, slot_idx, past + index[batch_idx, slot_idx])
+            rounds.append(
+                _Round(
+                    index.to(device),
+                    valid.to(device),
+                    visible_prefix,
+                    torch.cat([prefix_mask, chunk_mask], dim=1).to(device),
+                    tuple(t.to(device) for t in write_index),
+                )
+            )
+        return rounds
+
+    def _loops_to_keep(self, num_loops, exit_at_step, threshold, return_loop_outputs) -> set[int]:
+        if return_loop_outputs or (exit_at_step is None and threshold is not None and threshold < 1.0):
+            return set(range(num_loops))
+        return {num_loops - 1 if exit_at_step is None else exit_at_step}
+
+    def _row_like(self, embeds: torch.Tensor, batch: int) -> torch.Tensor:
+        """A zero-size tensor with the cache rows' batch, heads, head_dim, dtype and device."""
+        dtype = torch.get_autocast_dtype(embeds.device.type) if torch.is_autocast_enabled(embeds.device.type) else embeds.dtype
+        return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim, dtype=dtype)
+
+    def _full_key_mask(self, attention_mask, batch, total, device) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total:
+            raise ValueError(
+                f"attention_mask must be [batch, past + new tokens] = [{batch}, {total}] (a 2-D padding mask), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        return None if bool(mask.all()) else mask
+
+    def _check_blend(self, alpha) -> float | None:
+        if alpha is None:
+            return None
+        if self.config.cache_mode != "shared":
+            raise ValueError("kv_blend_alpha applies to cache_mode='shared' only (per_loop is already alpha = 0)")
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"kv_blend_alpha must lie in [0, 1], got {alpha}")
+        return None if alpha == 1.0 else alpha
+
+    def _check_cache(self, cache, num_loops, blend) -> None:
+        if not isinstance(cache, MeltCache):
+            raise TypeError(f"past_key_values must be a MeltCache (or None), got {type(cache).__name__}")
+        if cache.cache_mode != self.config.cache_mode:
+            raise ValueError(f"past_key_values is a {cache.cache_mode} cache but the model runs {self.config.cache_mode}")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(cache.layers)} layers, the model {len(self.layers)}")
+        if cache.has_loop_rows and cache.num_loops != num_loops:
+            raise ValueError(
+                f"this cache keeps per-loop rows for {cache.num_loops} loops but the call runs {num_loops}; "
+                "per-loop caches need the same num_loops in every call"
+            )
+        if blend is not None and not cache.has_loop_rows:
+            raise ValueError("kv_blend_alpha < 1 needs a MeltCache created with keep_loop_rows=True")
+
+
+def _mask_upto(key_mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:
+    return None if key_mask is None else key_mask[:, :columns]
+
+
+def _assemble(pieces: list[torch.Tensor], rounds: list[_Round], length: int) -> torch.Tensor:
+    """Put per-round outputs `[B, W, ...]` back in column order `[B, L, ...]`."""
+    if all(isinstance(r.columns, slice) for r in rounds):
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    out = pieces[0].new_zeros(pieces[0].shape[0], length, *pieces[0].shape[2:])
+    for piece, rnd in zip(pieces, rounds):
+        batch_idx, slot_idx = rnd.valid.nonzero(as_tuple=True)
+        out = out.index_put((batch_idx, rnd.columns[batch_idx, slot_idx]), piece[batch_idx, slot_idx])
+    return out
+
+
+def exit_distribution(exit_logits: torch.Tensor) -> torch.Tensor:
+    """`[..., T]` exit logits -> `[..., T]` probabilities: p_t = lambda_t * prod_{s<t}(1 - lambda_s), the last
+    loop takes the remaining mass (lambda = sigmoid(logit), computed in fp32)."""
+    hazard = torch.sigmoid(exit_logits.to(torch.promote_types(exit_logits.dtype, torch.float32)))
+    survive = torch.cumprod(1 - hazard, dim=-1)
+    survive_before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
+    probs = hazard * survive_before
+    return torch.cat([probs[..., :-1], survive_before[..., -1:]], dim=-1)
+
+
+def select_exit_loop(exit_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Index of the first loop whose cumulative exit probability reaches `threshold` (the last loop otherwise)."""
+    reached = exit_probs.cumsum(-1) >= threshold
+    last = exit_probs.shape[-1] - 1
+    return torch.where(reached.any(-1), reached.float().argmax(-1), last)
+
+
+class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MeltConfig):
+        super().__init__(config)
+        self.model = MeltModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: MeltCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_loops: int | None = None,
+        kv_blend_alpha: float | None = None,
+        return_loop_outputs: bool = False,
+        exit_at_step: int | None = None,
+        early_exit_threshold: float | None = None,
+        **kwargs,
+    ) -> MeltCausalLMOutput:
+        """Causal LM forward. Beyond Llama's arguments:
+
+        num_loops: loops for this call (default `config.num_loops`); shared-mode memory does not depend on it.
+        kv_blend_alpha: phase-1 blend, attention reads `alpha * KV_melt + (1 - alpha) * KV_loop` (shared mode).
+        return_loop_outputs: also return every loop's logits (`loop_logits`) and every (loop, layer)
+            attention output (`attention_outputs`), for distillation; costs nothing when False.
+        exit_at_step / early_exit_threshold: override the config's logit selection for this call.
+        `labels` give the usual shifted cross-entropy on the returned (selected) logits.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            num_loops=num_loops,
+            kv_blend_alpha=kv_blend_alpha,
+            return_loop_outputs=return_loop_outputs,
+            exit_at_step=exit_at_step,
+            early_exit_threshold=early_exit_threshold,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loop_logits = None
+        if return_loop_outputs:
+            loop_logits = tuple(self.lm_head(h[:, keep]) for h in outputs.loop_hidden_states)
+        return MeltCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            exit_probs=outputs.exit_probs,
+            loop_logits=loop_logits,
+            attention_outputs=outputs.attention_outputs,
+        )
+
+    def new_cache(self, num_loops: int | None = None, keep_loop_rows: bool = False) -> MeltCache:
+        """An empty cache for this model (the forward creates one itself when none is passed)."""
+        return MeltCache(self.config, num_loops=num_loops, keep_loop_rows=keep_loop_rows)
+
+    @classmethod
+    def from_ouro(
+        cls,
+        path_or_hub_id: str,
+        cache_mode: str = "shared",
+        gate_type: str = "elementwise",
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        **config_overrides,
+    ) -> "MeltForCausalLM":
+        """Build a model from an Ouro checkpoint (a local directory or a Hub id) with this project's own reader.
+
+        Ouro tensors map 1:1 onto this model; the gate tensors (shared mode) are new and initialised as
+        `_init_weights` documents. `dtype` defaults to the checkpoint's. Validation is strict: a config whose
+        model_type is not "ouro" and any missing, unexpected or misshaped tensor raise one `ValueError` that
+        lists them all. Only safetensors are read (nothing is unpickled). `config_overrides` go to `MeltConfig`
+        (e.g. `num_loops=8`, `chunk_size=64`).
+        """
+        from .ouro_checkpoint import load_ouro
+
+        return load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, config_overrides)

@@ -1,0 +1,392 @@
+"""Semantics of the model: exact Ouro mode, MELT chunking and cache, gates, generation."""
+
+import pytest
+import torch
+
+from melt import MeltCache, MeltConfig, MeltForCausalLM, override_backend
+from melt.modeling_melt import MeltLatentGate
+from melt_testing import tiny_config, tiny_model, twin
+from ouro_reference import exit_probs, ouro_forward, select_logits
+
+ATOL = 1e-5
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# 1. per_loop = Ouro ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_loops", [1, 3])
+def test_per_loop_matches_independent_ouro_reference(num_loops):
+    model = tiny_model(cache_mode="per_loop", num_loops=num_loops)
+    ids = torch.randint(0, 61, (2, 13))
+    out = model(ids, return_loop_outputs=True, use_cache=False)
+    state, cfg = model.state_dict(), model.config.to_dict()
+    for b in range(2):
+        ref_logits, ref_exit = ouro_forward(state, cfg, ids[b], num_loops)
+        assert max_diff(out.logits[b], ref_logits[-1]) < ATOL
+        for t in range(num_loops):
+            assert max_diff(out.loop_logits[t][b], ref_logits[t]) < ATOL
+        assert max_diff(out.exit_probs[b].T, exit_probs(ref_exit)) < ATOL
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.95])
+def test_exit_threshold_and_fixed_step_select_like_ouro(threshold):
+    model = tiny_model(cache_mode="per_loop", num_loops=4)
+    with torch.no_grad():
+        model.model.early_exit_gate.weight.normal_(0, 2.0)
+    ids = torch.randint(0, 61, (1, 17))
+    _, ref_exit = ouro_forward(model.state_dict(), model.config.to_dict(), ids[0], 4)
+    with torch.no_grad():  # centre the exit logits so that exits spread over the loops
+        model.model.early_exit_gate.bias.sub_(ref_exit.median())
+    ref_logits, ref_exit = ouro_forward(model.state_dict(), model.config.to_dict(), ids[0], 4)
+    probs = exit_probs(ref_exit)
+    chosen = model(ids, early_exit_threshold=threshold).logits[0]
+    assert max_diff(chosen, select_logits(ref_logits, probs, threshold=threshold)) < ATOL
+    fixed = model(ids, exit_at_step=1).logits[0]
+    assert max_diff(fixed, ref_logits[1]) < ATOL
+    # the set-up is not vacuous: the threshold picks different loops for different tokens
+    reached = probs.cumsum(0) >= threshold
+    first = torch.where(reached.any(0), reached.float().argmax(0), 3)
+    assert len(set(first.tolist())) > 1
+
+
+def test_per_loop_decode_with_cache_matches_full_forward():
+    model = tiny_model(cache_mode="per_loop")
+    ids = torch.randint(0, 61, (2, 9))
+    full = model(ids, use_cache=False).logits
+    cache = None
+    steps = []
+    for i in range(9):
+        out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    assert max_diff(torch.cat(steps, 1), full) < ATOL
+
+
+# 2. shared: chunking and the cache --------------------------------------------------------------------------
+
+
+def test_shared_chunk_size_one_equals_token_by_token_decode():
+    model = tiny_model(chunk_size=1)
+    ids = torch.randint(0, 61, (2, 10))
+    full = model(ids, use_cache=False).logits
+    cache, steps = None, []
+    for i in range(10):
+        out = model(ids[:, i : i + 1], past_key_values=cache)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    assert max_diff(torch.cat(steps, 1), full) < ATOL
+
+
+@pytest.mark.parametrize("chunk,splits", [(4, [4, 12]), (3, [3, 6, 9]), (5, [10])])
+def test_chunked_forward_equals_cached_calls_split_at_chunk_multiples(chunk, splits):
+    model = tiny_model(chunk_size=chunk)
+    ids = torch.randint(0, 61, (2, 14))
+    full = model(ids, use_cache=False).logits
+    cache, pieces, edges = None, [], [0, *splits, 14]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out = model(ids[:, lo:hi], past_key_values=cache)
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    assert max_diff(torch.cat(pieces, 1), full) < ATOL
+
+
+def test_chunk_size_changes_shared_results():
+    # the chunk size is a real semantic knob in shared mode (unlike per_loop), so tests above are not vacuous
+    model = tiny_model(chunk_size=1)
+    ids = torch.randint(0, 61, (1, 12))
+    assert max_diff(model(ids).logits, twin(model, chunk_size=12)(ids).logits) > 1e-4
+
+
+# 3. shared vs per_loop equivalences -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_blend_alpha_zero_equals_per_loop(chunk):
+    model = tiny_model(chunk_size=chunk)
+    ouro = twin(model, cache_mode="per_loop")
+    ids = torch.randint(0, 61, (2, 11))
+    blended = model(ids, kv_blend_alpha=0.0, return_loop_outputs=True)
+    reference = ouro(ids, return_loop_outputs=True)
+    assert max_diff(blended.logits, reference.logits) < ATOL
+    for t in range(3):
+        for layer in range(2):
+            assert max_diff(blended.attention_outputs[t][layer], reference.attention_outputs[t][layer]) < ATOL
+    assert max_diff(model(ids, kv_blend_alpha=1.0).logits, model(ids).logits) == 0.0
+    assert max_diff(model(ids, kv_blend_alpha=0.5).logits, reference.logits) > 1e-4
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 32])
+def test_single_loop_shared_equals_per_loop_for_any_chunk(chunk):
+    model = tiny_model(num_loops=1, chunk_size=chunk)
+    ouro = twin(model, cache_mode="per_loop")
+    ids = torch.randint(0, 61, (2, 12))
+    assert max_diff(model(ids).logits, ouro(ids).logits) < ATOL
+
+
+def test_last_gate_one_chunk_equals_per_loop():
+    model = tiny_model(gate_type="last", chunk_size=64)
+    ouro = twin(model, cache_mode="per_loop")
+    ids = torch.randint(0, 61, (2, 15))
+    assert max_diff(model(ids).logits, ouro(ids).logits) < ATOL
+    # with several chunks, queries see earlier chunks' FINAL rows instead of the current loop's: different
+    assert max_diff(twin(model, chunk_size=4)(ids).logits, ouro(ids).logits) > 1e-4
+
+
+# 4. cache bytes -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_loops", [1, 2, 4, 8])
+def test_cache_bytes_shared_constant_per_loop_linear(num_loops):
+    cfg = tiny_config(num_loops=num_loops)
+    length, per_token = 9, cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    ids = torch.randint(0, 61, (1, length))
+    shared = tiny_model(num_loops=num_loops)(ids).past_key_values
+    per_loop = tiny_model(num_loops=num_loops, cache_mode="per_loop")(ids).past_key_values
+    assert shared.nbytes() == length * per_token
+    assert per_loop.nbytes() == num_loops * length * per_token
+    assert shared.get_seq_length() == per_loop.get_seq_length() == length
+
+
+def test_cache_grows_geometrically_and_tracks_tokens_apart_from_capacity():
+    model = tiny_model(chunk_size=1)
+    cache = model(torch.randint(0, 61, (1, 5))).past_key_values
+    assert cache.layers[0].capacity == 5 and cache.get_seq_length() == 5
+    model(torch.randint(0, 61, (1, 1)), past_key_values=cache)
+    assert cache.layers[0].capacity == 10 and cache.get_seq_length() == 6
+    assert cache.capacity_nbytes() == cache.nbytes() * 10 // 6
+
+
+def test_num_loops_override_per_call_keeps_shared_memory():
+    model = tiny_model()
+    ids = torch.randint(0, 61, (1, 7))
+    sizes = {t: model(ids, num_loops=t).past_key_values.nbytes() for t in (1, 2, 5)}
+    assert len(set(sizes.values())) == 1
+    assert max_diff(model(ids, num_loops=5).logits, model(ids).logits) > 1e-4
+    loaded = MeltForCausalLM(MeltConfig(**{**model.config.to_dict(), "num_loops": 5})).eval()
+    loaded.load_state_dict(model.state_dict())
+    assert max_diff(loaded(ids).logits, model(ids, num_loops=5).logits) < ATOL
+
+
+def test_cache_crop_reset_and_batch_select():
+    model = tiny_model(chunk_size=1)
+    ids = torch.randint(0, 61, (3, 8))
+    cache = model(ids[:, :6]).past_key_values
+    cache.crop(-2)
+    assert cache.get_seq_length() == 4
+    cropped = model(ids[:, 4:8], past_key_values=cache).logits
+    fresh = model(ids[:, 4:8], past_key_values=model(ids[:, :4]).past_key_values).logits
+    assert max_diff(cropped, fresh) < ATOL
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    again = model(ids[[2, 0], :3], past_key_values=cache).logits
+    assert max_diff(again, model(ids[[2, 0], :3]).logits) < ATOL
+
+
+def test_reorder_cache_permutes_sequences():
+    model = tiny_model(chunk_size=2)
+    ids = torch.randint(0, 61, (3, 6))
+    cache = model(ids).past_key_values
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    nxt = torch.randint(0, 61, (3, 1))
+    reordered = model(nxt, past_key_values=cache).logits
+    direct = model(nxt, past_key_values=model(ids[[2, 2, 0]]).past_key_values).logits
+    assert max_diff(reordered, direct) < ATOL
+
+
+# padding and chunk boundaries per sequence ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+def test_left_padded_batch_forward_matches_each_sequence(cache_mode):
+    model = tiny_model(chunk_size=3, cache_mode=cache_mode)
+    lengths = [11, 7, 4]
+    seqs = [torch.randint(1, 61, (n,)) for n in lengths]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, 11 - len(s) :], mask[b, 11 - len(s) :] = s, 1
+    out = model(ids, attention_mask=mask)
+    for b, s in enumerate(seqs):
+        single = model(s[None]).logits[0]
+        assert max_diff(out.logits[b, 11 - len(s) :], single) < ATOL
+    # continuing the padded cache equals continuing each sequence alone
+    nxt = torch.randint(1, 61, (3, 4))
+    cont = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1),
+                 past_key_values=out.past_key_values).logits
+    for b, s in enumerate(seqs):
+        single_cache = model(s[None]).past_key_values
+        assert max_diff(cont[b], model(nxt[b : b + 1], past_key_values=single_cache).logits[0]) < ATOL
+
+
+# 5. generation ------------------------------------------------------------------------------------------------
+
+
+def _left_pad(seqs, pad=0):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, width - len(s) :], mask[b, width - len(s) :] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+def test_left_padded_batch_generate_equals_per_sequence(cache_mode):
+    model = tiny_model(chunk_size=3, cache_mode=cache_mode)
+    seqs = [torch.randint(1, 61, (n,)) for n in (9, 5, 2)]
+    ids, mask = _left_pad(seqs)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batch = model.generate(ids, attention_mask=mask, **kwargs)
+    for b, s in enumerate(seqs):
+        single = model.generate(s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), **kwargs)
+        assert torch.equal(batch[b, ids.shape[1] :], single[0, len(s) :])
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+def test_beam_search_with_cache_equals_without(cache_mode):
+    # chunk_size=1: without a cache every step re-runs the prefix, which is only the same computation as
+    # cached decoding when prefill is token-exact (C = 1) -- in per_loop mode any chunk size is.
+    model = tiny_model(chunk_size=1, cache_mode=cache_mode)
+    ids = torch.randint(1, 61, (2, 5))
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with_cache = model.generate(ids, use_cache=True, **kwargs)
+    without = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+def test_sampling_is_seeded_reproducible_and_num_loops_passes_through_generate():
+    model = tiny_model()
+    ids = torch.randint(1, 61, (2, 4))
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(7)
+    first = model.generate(ids, **kwargs)
+    torch.manual_seed(7)
+    assert torch.equal(first, model.generate(ids, **kwargs))
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    deep = model.generate(ids, num_loops=8, **greedy)
+    out = model(ids, num_loops=8)
+    manual = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
+    for _ in range(5):
+        out = model(manual[:, -1:], num_loops=8, past_key_values=out.past_key_values)
+        manual = torch.cat([manual, out.logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(deep, manual)
+    assert not torch.equal(deep, model.generate(ids, **greedy))
+
+
+# 8. gates and gradients ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate_type", ["elementwise", "scalar", "mean", "ema", "last"])
+def test_gate_types_follow_the_spec(gate_type):
+    torch.manual_seed(0)
+    gate = MeltLatentGate(tiny_config(gate_type=gate_type, ema_decay=0.3))
+    for p in gate.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)
+    inputs = [torch.randn(2, 3, 32) for _ in range(4)]
+    s = None
+    for t, a in enumerate(inputs):
+        previous = s
+        s = gate(a, s, t, "eager")
+        if t == 0 or gate_type == "last":
+            assert torch.equal(s, a)
+        elif gate_type == "mean":
+            assert max_diff(s, torch.stack(inputs[: t + 1]).mean(0)) < 1e-6
+        elif gate_type == "ema":
+            assert max_diff(s, 0.3 * previous + 0.7 * a) < 1e-6
+        else:
+            z = torch.sigmoid(a @ gate.W.T + previous @ gate.U.T + gate.b)
+            assert z.shape[-1] == (32 if gate_type == "elementwise" else 1)
+            assert max_diff(s, z * previous + (1 - z) * a) < 1e-6
+    expected = {"elementwise": 2 * 32 * 32 + 32, "scalar": 2 * 32 + 1}.get(gate_type, 0)
+    assert sum(p.numel() for p in gate.parameters()) == expected
+
+
+def test_gradients_flow_across_chunks_gradcheck():
+    model = tiny_model(hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=4, num_hidden_layers=1, num_loops=2, chunk_size=2).double()
+    embeds = torch.randn(1, 5, 8, dtype=torch.double, requires_grad=True)
+
+    def last_token_logits(x):
+        return model(inputs_embeds=x, use_cache=False).logits[:, -1]
+
+    assert torch.autograd.gradcheck(last_token_logits, (embeds,), eps=1e-6, atol=1e-5)
+    last_token_logits(embeds).sum().backward()
+    # the last token (chunk 2) reaches the first chunk's tokens only through their cache rows
+    assert embeds.grad[0, 0].abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gate." in n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(chunk_size=4).train()
+    ids = torch.randint(0, 61, (2, 10))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(plain) == len(list(model.parameters())) - 2  # all but the exit gate, unused by this loss
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    for name, grad in plain.items():
+        assert max_diff(model.get_parameter(name).grad, grad) < 1e-6, name
+
+
+# backends, GQA, validation ---------------------------------------------------------------------------------------
+
+
+def test_eager_and_sdpa_backends_agree():
+    model = tiny_model(chunk_size=4)
+    ids, mask = _left_pad([torch.randint(1, 61, (n,)) for n in (10, 6)])
+    with override_backend("eager"):
+        eager = model(ids, attention_mask=mask).logits
+    with override_backend("sdpa"):
+        sdpa = model(ids, attention_mask=mask).logits
+    assert max_diff(eager, sdpa) < ATOL
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("num_key_value_heads", 3, "must divide"),
+        ("num_loops", 0, "num_loops"),
+        ("chunk_size", 0, "chunk_size"),
+        ("gate_type", "max", "gate_type"),
+        ("cache_mode", "both", "cache_mode"),
+        ("attention_backend", "cuda", "attention_backend"),
+        ("exit_at_step", 3, "exit_at_step"),
+        ("early_exit_threshold", 1.5, "early_exit_threshold"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{field: value})
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty input"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="num_loops"):
+        model(torch.zeros(1, 4, dtype=torch.long), num_loops=0)
+    with pytest.raises(ValueError, match="kv_blend_alpha"):
+        model(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=1.5)
+    per_loop = tiny_model(cache_mode="per_loop")
+    with pytest.raises(ValueError, match="shared"):
+        per_loop(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5)
+    cache = per_loop(torch.zeros(1, 4, dtype=torch.long)).past_key_values
+    with pytest.raises(ValueError, match="same num_loops"):
+        per_loop(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, num_loops=5)
+    with pytest.raises(TypeError, match="MeltCache"):
+        model(torch.zeros(1, 4, dtype=torch.long), past_key_values=object())
+    with pytest.raises(ValueError, match="keep_loop_rows"):
+        model(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5, past_key_values=MeltCache(model.config))

@@ -99,10 +99,11 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
         expected.pop("lm_head.weight", None)
     new = {name for name in expected if ".gate." in name}
 
-    state, unexpected, misshaped = {}, [], []
+    state, unexpected, misshaped, present = {}, [], [], set()
     for file in _weight_files(directory):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
+                present.add(name)
                 tensor = f.get_tensor(name)
                 if name not in expected or name in new:
                     unexpected.append(name)
@@ -110,7 +111,7 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
                     misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, config implies {expected[name]}")
                 else:
                     state[name] = tensor if dtype is None else tensor.to(dtype)
-    missing = sorted(set(expected) - new - set(state))
+    missing = sorted(set(expected) - new - present)
     if missing or unexpected or misshaped:
         problems = []
         for title, names in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", misshaped)):

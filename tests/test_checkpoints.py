@@ -1,0 +1,214 @@
+"""Checkpoints: save/load round trips, Hub remote code, reading Ouro checkpoints, packaging."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from melt import MeltForCausalLM
+from melt_testing import tiny_model
+from ouro_reference import ouro_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_save_pretrained_round_trip(tmp_path, shard):
+    model = tiny_model()
+    ids = torch.randint(0, 61, (2, 9))
+    kwargs = {} if shard is None else {"max_shard_size": shard}
+    model.save_pretrained(tmp_path, **kwargs)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert ("model.safetensors.index.json" in files) == (shard is not None)
+    assert {"configuration_melt.py", "modeling_melt.py", "cache_melt.py", "attention.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "melt"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_melt.MeltConfig",
+        "AutoModelForCausalLM": "modeling_melt.MeltForCausalLM",
+    }
+    loaded = MeltForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_auto_classes_and_fresh_process_remote_code_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 61, (1, 7))
+    model.save_pretrained(tmp_path)
+    torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "melt" not in sys.modules, "the remote-code load must not need the melt package"
+        assert torch.allclose(model(expected["ids"]).logits, expected["logits"], atol=1e-6)
+        out = model.generate(expected["ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, 10)
+        print("remote-code-ok")
+        """
+    )
+    env = _clean_env()
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh modules cache
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-code-ok" in result.stdout
+
+
+def test_installing_melt_does_not_claim_the_kernels_import_name(tmp_path):
+    script = textwrap.dedent(
+        """
+        import importlib.metadata, importlib.util
+        from transformers.utils import is_kernels_available
+        import melt, melt_kernels
+        spec = importlib.util.find_spec("kernels")
+        try:
+            importlib.metadata.version("kernels")
+            hf_kernels_installed = True
+        except importlib.metadata.PackageNotFoundError:
+            hf_kernels_installed = False
+        assert spec is None or hf_kernels_installed, f"'kernels' resolves to {spec.origin}, not Hugging Face's package"
+        if not hf_kernels_installed:
+            assert is_kernels_available() is False
+        print("ok", melt_kernels.__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# from_ouro --------------------------------------------------------------------------------------------------
+
+
+def ouro_config(model) -> dict:
+    cfg = model.config
+    return {
+        "model_type": "ouro",
+        "architectures": ["OuroForCausalLM"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": False,
+        "total_ut_steps": cfg.num_loops,
+        "early_exit_threshold": 1.0,
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "rope_scaling": None,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": "float32",
+    }
+
+
+def write_ouro(directory: Path, state: dict, config: dict, shards: int = 1) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    names = sorted(state)
+    if shards == 1:
+        save_file({n: state[n].contiguous() for n in names}, directory / "model.safetensors")
+        return directory
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in part}, directory / file)
+        weight_map.update({n: file for n in part})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+@pytest.fixture
+def ouro_checkpoint(tmp_path):
+    teacher = tiny_model(cache_mode="per_loop")
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    return teacher, state, ouro_config(teacher), tmp_path
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_from_ouro_gives_the_reference_logits(ouro_checkpoint, shards):
+    teacher, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, config, shards)
+    ids = torch.randint(0, 61, (1, 12))
+    ref_logits, _ = ouro_forward(state, teacher.config.to_dict(), ids[0], teacher.config.num_loops)
+    loaded = MeltForCausalLM.from_ouro(directory, cache_mode="per_loop")
+    assert (loaded(ids).logits[0] - ref_logits[-1]).abs().max() < 1e-5
+    student = MeltForCausalLM.from_ouro(directory, chunk_size=4)  # shared + elementwise gate, fresh
+    assert student.config.cache_mode == "shared" and student.config.chunk_size == 4
+    assert (student(ids, kv_blend_alpha=0.0).logits[0] - ref_logits[-1]).abs().max() < 1e-5
+    gate = student.model.layers[0].gate
+    assert torch.equal(gate.W, torch.zeros_like(gate.W)) and torch.all(gate.b == student.config.gate_bias_init)
+    assert not any(p.is_meta for p in student.parameters())
+    assert MeltForCausalLM.from_ouro(directory, num_loops=6).config.num_loops == 6
+
+
+def _drop(state, name):
+    return {k: v for k, v in state.items() if k != name}
+
+
+@pytest.mark.parametrize(
+    "corrupt,match",
+    [
+        (lambda s, c: (s, {**c, "model_type": "llama"}), "model_type 'llama', expected 'ouro'"),
+        (lambda s, c: (_drop(s, "model.layers.1.mlp.up_proj.weight"), c), "1 missing: model.layers.1.mlp.up_proj.weight"),
+        (lambda s, c: ({**s, "model.extra.weight": torch.zeros(2)}, c), "1 unexpected: model.extra.weight"),
+        (lambda s, c: ({**s, "model.norm.weight": torch.zeros(31)}, c), r"misshaped: model.norm.weight: checkpoint \(31,\)"),
+        (lambda s, c: (s, {**c, "hidden_size": 48}), "misshaped"),
+        (lambda s, c: (s, {**c, "rope_scaling": {"type": "yarn"}}), "rope_scaling"),
+    ],
+    ids=["model-type", "missing", "unexpected", "misshaped", "wrong-config", "rope-scaling"],
+)
+def test_from_ouro_rejects_corrupted_checkpoints(ouro_checkpoint, corrupt, match):
+    _, state, config, tmp_path = ouro_checkpoint
+    state, config = corrupt(state, config)
+    directory = write_ouro(tmp_path / "bad", state, config)
+    with pytest.raises(ValueError, match=match):
+        MeltForCausalLM.from_ouro(directory)
+
+
+def test_from_ouro_lists_every_problem_at_once(ouro_checkpoint):
+    _, state, config, tmp_path = ouro_checkpoint
+    state = {**_drop(state, "lm_head.weight"), "model.norm.weight": torch.zeros(3), "junk": torch.zeros(1)}
+    with pytest.raises(ValueError) as err:
+        MeltForCausalLM.from_ouro(write_ouro(tmp_path / "bad", state, config))
+    message = str(err.value)
+    assert "1 missing: lm_head.weight" in message and "1 unexpected: junk" in message and "1 misshaped" in message
+
+
+def test_from_ouro_never_unpickles_and_explains_offline_hub(ouro_checkpoint, monkeypatch):
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = tmp_path / "pickled"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled weights are never loaded"):
+        MeltForCausalLM.from_ouro(directory)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    with pytest.raises(OSError, match="offline"):
+        MeltForCausalLM.from_ouro("ByteDance/Ouro-1.4B-Thinking")

@@ -1,0 +1,1 @@
+"""Ouro -> MELT conversion: synthetic data, tokenizer and the data pipeline the converter trains on."""

@@ -43,7 +43,8 @@ def test_save_pretrained_round_trip(tmp_path, shard):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_auto_classes_and_fresh_process_remote_code_load(tmp_path):
+@pytest.mark.parametrize("kernels_installed", [True, False], ids=["with-kernels", "without-kernels"])
+def test_auto_classes_and_fresh_process_remote_code_load(tmp_path, kernels_installed):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(tie_word_embeddings=True)
@@ -55,11 +56,15 @@ def test_auto_classes_and_fresh_process_remote_code_load(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
+        if {not kernels_installed}:  # as on a machine where the kernels are not installed
+            sys.modules["melt_kernels"] = None
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert "melt" not in sys.modules, "the remote-code load must not need the melt package"
+        attention = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".attention"]
+        assert (attention.triton_chunk_attention is not None) == {kernels_installed}
         assert torch.allclose(model(expected["ids"]).logits, expected["logits"], atol=1e-6)
         out = model.generate(expected["ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert out.shape == (1, 10)

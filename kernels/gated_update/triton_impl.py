@@ -1,0 +1,228 @@
+"""Fused MELT gated update (Triton): one memory-bound pass forward, one backward.
+
+    z  = sigmoid(ga + gs + b)            ga = a @ Wz, gs = s @ Uz come from cuBLAS GEMMs
+    s' = z * s + (1 - z) * a
+
+Layers, as in flash-linear-attention:
+    gated_update_fwd / gated_update_bwd   plain launchers on contiguous [N, D] views
+    GatedUpdateFunction                   autograd glue: saves the inputs, recomputes z in backward
+    gated_update                          public entry point: validation and backend choice
+
+Forward reads a, s, ga, gs (+ b) and writes s'. Backward reads ds', a, s, ga, gs and writes
+ds, da and one dz_pre tensor that is returned as the gradient of both ga and gs (they enter the
+gate as a plain sum), plus a [row_blocks, D] fp32 partial sum for db that PyTorch reduces; z is
+recomputed, never stored. All arithmetic is fp32; loads and stores use the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import utils
+from .naive import naive_gated_update
+
+
+def _block_sizes(D: int) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_D columns, num_warps) for a hidden size D.
+
+    Element-wise and memory-bound, so there is nothing to tune beyond tiles big enough for wide
+    loads and enough programs in flight: about 4K elements per program on GPU. Not autotuned on
+    purpose: autotuning re-runs the kernel, which would be wrong when `out` aliases an input.
+    Under the interpreter the tiles are small so that the tests cover ragged row and column tiles.
+    """
+    if utils.INTERPRET:
+        block_d = min(triton.next_power_of_2(D), 64)
+        return 8, block_d, 4
+    block_d = min(triton.next_power_of_2(D), 512)
+    return max(4096 // block_d, 1), block_d, 8
+
+
+@triton.jit
+def _gated_update_fwd_kernel(
+    A, S, GA, GS, Bias, Out,
+    N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_m < N)[:, None] & mask_d[None, :]
+    # int64: N * D exceeds 2**31 for long sequences at large hidden sizes.
+    offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+
+    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+    ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
+    gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    z = tl.sigmoid(ga + gs + bias[None, :])
+    out = z * s + (1.0 - z) * a
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_update_bwd_kernel(
+    DOut, A, S, GA, GS, Bias,
+    DA, DS, DZ, DBPartial,
+    N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_m < N)[:, None] & mask_d[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+
+    dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
+    ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
+    gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    z = tl.sigmoid(ga + gs + bias[None, :])
+    ds = dout * z
+    da = dout - ds
+    # d s'/d z = s - a and d z / d(ga + gs + b) = z (1 - z); masked lanes have dout = 0.
+    dz = dout * (s - a) * z * (1.0 - z)
+
+    tl.store(DA + offs, da.to(DA.dtype.element_ty), mask=mask)
+    tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+    tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
+    # Deterministic db: one fp32 partial row per row block, reduced by the launcher.
+    tl.store(DBPartial + pid_m * D + offs_d, tl.sum(dz, axis=0), mask=mask_d)
+
+
+def gated_update_fwd(
+    a: torch.Tensor,
+    s: torch.Tensor,
+    ga: torch.Tensor,
+    gs: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel on contiguous inputs.
+
+    Args:
+        a, s, ga, gs: contiguous [..., D], one dtype.
+        b: contiguous [D], any float dtype (read as fp32).
+        out: optional contiguous [..., D] destination in the dtype of `a`. It may alias any of
+            a, s, ga, gs (each element is read and then written by the same program), which gives
+            the in-place update for inference, e.g. `out=s`.
+
+    Returns:
+        s' ([..., D], dtype of `a`): `out` if given.
+    """
+    D = a.shape[-1]
+    N = a.numel() // D if D else 0
+    if out is None:
+        out = utils.new_empty(a.shape, a.dtype, a.device)
+    if N == 0 or D == 0:
+        return out
+    block_m, block_d, num_warps = _block_sizes(D)
+    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    _gated_update_fwd_kernel[grid](
+        a, s, ga, gs, b, out, N, D,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
+
+
+def gated_update_bwd(
+    dout: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    ga: torch.Tensor,
+    gs: torch.Tensor,
+    b: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel on contiguous inputs; z is recomputed from ga, gs and b.
+
+    Args:
+        dout: contiguous [..., D] gradient of s', dtype of `a`.
+        a, s, ga, gs, b: the forward inputs.
+
+    Returns:
+        (da, ds, dz, db): da, ds, dz in the dtype of `a` ([..., D]); dz is the gradient of the gate
+        pre-activation, i.e. of both ga and gs; db ([D], dtype of `b`) sums dz over all rows in fp32.
+    """
+    D = a.shape[-1]
+    N = a.numel() // D if D else 0
+    da = utils.new_empty(a.shape, a.dtype, a.device)
+    ds = utils.new_empty(a.shape, a.dtype, a.device)
+    dz = utils.new_empty(a.shape, a.dtype, a.device)
+    if N == 0 or D == 0:
+        return da, ds, dz, torch.zeros_like(b)
+    block_m, block_d, num_warps = _block_sizes(D)
+    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
+    db_partial = utils.new_empty((grid[0], D), torch.float32, a.device)
+    _gated_update_bwd_kernel[grid](
+        dout, a, s, ga, gs, b, da, ds, dz, db_partial, N, D,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return da, ds, dz, db_partial.sum(0).to(b.dtype)
+
+
+class GatedUpdateFunction(torch.autograd.Function):
+    """Autograd glue: saves the (already contiguous) inputs, nothing computed, not z."""
+
+    @staticmethod
+    def forward(ctx, a, s, ga, gs, b):
+        ctx.save_for_backward(a, s, ga, gs, b)
+        return gated_update_fwd(a, s, ga, gs, b)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, s, ga, gs, b = ctx.saved_tensors
+        da, ds, dz, db = gated_update_bwd(dout.contiguous(), a, s, ga, gs, b)
+        return da, ds, dz, dz, db
+
+
+def _validate(a, s, ga, gs, b) -> None:
+    for name, t in (("a", a), ("s", s), ("ga", ga), ("gs", gs), ("b", b)):
+        utils.check_float(name, t)
+    for name, t in (("s", s), ("ga", ga), ("gs", gs)):
+        if t.shape != a.shape:
+            raise ValueError(f"{name} must have the shape of a {tuple(a.shape)}, got {tuple(t.shape)}")
+        if t.dtype != a.dtype:
+            raise TypeError(f"{name} must have the dtype of a ({a.dtype}), got {t.dtype}")
+    if a.dim() == 0:
+        raise ValueError("a must have at least one dimension (the hidden size D)")
+    if b.shape != (a.shape[-1],):
+        raise ValueError(f"b must have shape [D] = [{a.shape[-1]}], got {list(b.shape)}")
+    utils.check_same_device(a=a, s=s, ga=ga, gs=gs, b=b)
+
+
+@torch.compiler.disable
+def gated_update(
+    a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """MELT latent-state update `s' = z * s + (1 - z) * a` with `z = sigmoid(ga + gs + b)`.
+
+    Args:
+        a:  [..., D] this loop's normalised hidden state.
+        s:  [..., D] latent state from the previous loop.
+        ga: [..., D] `a @ Wz`.
+        gs: [..., D] `s @ Uz`.
+        b:  [D] gate bias (any float dtype; its gradient comes back in that dtype).
+        a, s, ga and gs share shape, dtype (fp32, fp16 or bf16) and device; any leading dims.
+
+    Returns:
+        s': [..., D] in the dtype of `a`, differentiable w.r.t. a, s, ga, gs and b
+        (computed in fp32; db is accumulated in fp32 over all leading dims).
+
+    Backends: the Triton kernels on CUDA tensors and on CPU tensors under TRITON_INTERPRET=1;
+    otherwise the PyTorch reference `naive_gated_update`, so callers never need to branch.
+    Non-contiguous inputs are copied to contiguous ones first (the kernel indexes flat rows).
+    Excluded from torch.compile tracing: it launches its own kernels.
+    """
+    _validate(a, s, ga, gs, b)
+    if not utils.use_triton(a):
+        return naive_gated_update(a, s, ga, gs, b)
+    return GatedUpdateFunction.apply(
+        a.contiguous(), s.contiguous(), ga.contiguous(), gs.contiguous(), b.contiguous()
+    )

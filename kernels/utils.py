@@ -1,0 +1,76 @@
+"""Helpers shared by the MELT Triton ops: backend choice, autotune mode, buffers, validation."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+# Triton decides at decoration time whether `@triton.jit` functions run in its CPU interpreter, so
+# the flag is read once, when this package is imported (set TRITON_INTERPRET=1 before that).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Autotuning benchmarks every config on the first call for each key; under the interpreter that is
+# pointless and under pytest it is slow and makes runs depend on timing noise, so both get exactly
+# one config.
+SINGLE_CONFIG = INTERPRET or "pytest" in sys.modules
+
+# Test hook: when True, `new_empty` fills every buffer it returns with NaN, so that a kernel which
+# forgets to write part of an output (or of a gradient) fails the comparison instead of passing on
+# whatever memory happened to hold. Never set outside tests: it costs one extra write per buffer.
+POISON_NEW_BUFFERS = False
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on `t`: CUDA tensors, or CPU tensors under the interpreter.
+
+    Anything else (CPU tensors without TRITON_INTERPRET=1, other devices) goes to the PyTorch
+    reference of the op.
+    """
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.empty` for kernel outputs; NaN-filled when `POISON_NEW_BUFFERS` is set (tests)."""
+    if POISON_NEW_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension has stride 1 (the kernels need it), else a contiguous copy.
+
+    Views produced by slicing or transposing leading dimensions (cache prefixes, [B, C, H, D] ->
+    [B, H, C, D] transposes) keep stride 1 in the last dimension and are read in place.
+    """
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs keep the device busy: two waves of streaming multiprocessors on CUDA.
+
+    Used to decide when a small launch (decode) should split its work further.
+    """
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise TypeError unless `t` is an fp32/fp16/bf16 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError unless all given (non-None) tensors live on one device."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all inputs must be on the same device, got {listing}")

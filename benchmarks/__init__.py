@@ -1,0 +1,1 @@
+"""Benchmarks of MELT against LoopLM (Ouro) and a standard transformer: memory, throughput, kernels."""

@@ -1,0 +1,312 @@
+"""Shared pieces of the benchmarks: shape presets, the three compared models, machine info, result files.
+
+The three models of one comparison share a shape and differ only in how they loop and cache:
+- `melt`: `cache_mode="shared"`, one key/value row per token per layer whatever the number of loops;
+- `looplm`: `cache_mode="per_loop"`, Ouro exactly, one row per token per layer per loop;
+- `standard`: the same stack run once (`num_loops=1`), a plain transformer (both cache modes coincide).
+
+Results go to `benchmarks/results/<name>_<preset>_<device-slug>.json` and `.png`, written atomically
+(temporary file + rename) so a crashed run never leaves a half-written result beside good ones.
+Nothing here asserts a timing: the benchmarks measure and report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+MODELS = ("melt", "looplm", "standard")
+MODEL_LABELS = {"melt": "MELT (shared)", "looplm": "LoopLM / Ouro (per-loop)", "standard": "standard (1 loop)"}
+MODEL_COLORS = {"melt": "tab:blue", "looplm": "tab:red", "standard": "tab:gray"}
+
+# Shapes. `tiny` runs on 2 CPU cores in seconds (fp32); the Ouro shapes are the published models' (random
+# weights, bf16, meant for a GPU). max_position_embeddings covers the longest context the benchmarks use.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=131072, rope_theta=10_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, num_loops=4, chunk_size=500,
+    ),
+    "ouro-1.4b": dict(
+        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=128, max_position_embeddings=131072, rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, num_loops=4, chunk_size=500,
+    ),
+    "ouro-2.6b": dict(
+        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=128, max_position_embeddings=131072, rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, num_loops=4, chunk_size=500,
+    ),
+}
+PRESET_DTYPES = {"tiny": torch.float32, "ouro-1.4b": torch.bfloat16, "ouro-2.6b": torch.bfloat16}
+
+# MELT_SPEC section 6. "32K" there is 32,000 tokens and GB is 1e9 bytes: 0.786 MB/token * 32,000 = 25.17 GB.
+PUBLISHED_CONTEXT = 32_000
+PUBLISHED_GB = {
+    "looplm": {"model": "Ouro-1.4B-Thinking", "kv_per_token_mb": 0.786, "kv_gb": 25.17, "total_gb": 27.97},
+    "melt": {"model": "MELT-1.6B", "kv_per_token_mb": 0.197, "kv_gb": 6.29, "total_gb": 9.49},
+    "qwen3-1.7b": {"model": "Qwen3-1.7B", "kv_per_token_mb": 0.115, "kv_gb": 3.67, "total_gb": 7.07},
+}
+
+
+# -- models -------------------------------------------------------------------------------------------------
+
+
+def model_kwargs(preset: str, model: str, **overrides) -> dict:
+    """MeltConfig kwargs of `model` ("melt" | "looplm" | "standard") in the shape of `preset`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+    kwargs = dict(PRESETS[preset])
+    kwargs["cache_mode"] = "shared" if model == "melt" else "per_loop"
+    if model == "standard":
+        kwargs["num_loops"] = 1
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_model(preset: str, model: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                seed: int = 0, **overrides):
+    """A `MeltForCausalLM` with random weights (eval mode) on `device` in `dtype` (the preset's by default)."""
+    from melt import MeltConfig, MeltForCausalLM
+
+    torch.manual_seed(seed)
+    dtype = PRESET_DTYPES[preset] if dtype is None else dtype
+    with torch.device(device):
+        net = MeltForCausalLM(MeltConfig(**model_kwargs(preset, model, **overrides)))
+    return net.to(dtype).eval()
+
+
+def parameter_count(preset: str, model: str) -> int:
+    """Parameters of `model` in the shape of `preset`, counted on the meta device (nothing allocated)."""
+    from melt import MeltConfig, MeltForCausalLM
+
+    with torch.device("meta"):
+        net = MeltForCausalLM(MeltConfig(**model_kwargs(preset, model)))
+    return sum(p.numel() for p in net.parameters())
+
+
+def kv_bytes_per_token(config_kwargs: dict, num_loops: int, dtype: torch.dtype) -> int:
+    """Analytic key/value bytes per token: layers x (loops if per_loop) x 2 (K and V) x kv_heads x head_dim x dtype."""
+    rows = config_kwargs["num_hidden_layers"] * (num_loops if config_kwargs["cache_mode"] == "per_loop" else 1)
+    kv_heads = config_kwargs.get("num_key_value_heads") or config_kwargs["num_attention_heads"]
+    head_dim = config_kwargs.get("head_dim") or config_kwargs["hidden_size"] // config_kwargs["num_attention_heads"]
+    return rows * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def loops_of(model: str, num_loops: int) -> int:
+    """Loops a model actually runs when the sweep asks for `num_loops` (the standard transformer runs one)."""
+    return 1 if model == "standard" else num_loops
+
+
+# -- machine ------------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name-safe device name: `nvidia-h100-80gb-hbm3`, `cpu-amd-epyc`."""
+    name = device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48].strip("-")
+    return slug if device.type == "cuda" else f"cpu-{slug}" if not slug.startswith("cpu") else slug
+
+
+def machine_info(device: torch.device) -> dict:
+    """Device, CPU and library versions of this run, recorded in every result file."""
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "device_slug": device_slug(device),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for module in ("transformers", "triton", "flash_attn"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # not installed, or broken on this machine: record its absence
+            info[module] = None
+    try:
+        import melt
+
+        info["melt"] = melt.__version__
+    except Exception:
+        info["melt"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_memory_bytes"] = props.total_memory
+        info["device_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3,
+              setup: Callable[[], object] | None = None) -> dict:
+    """Median (and all) wall times in seconds of `fn()`, after `warmup` untimed calls.
+
+    `setup` runs untimed before every call (e.g. to crop a cache back to its prefill length).
+    """
+    times = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "times_s": times}
+
+
+# -- results --------------------------------------------------------------------------------------------------
+
+
+def result_paths(name: str, preset: str, device: torch.device, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    stem = f"{name}_{preset}_{device_slug(device)}"
+    return out / f"{stem}.json", out / f"{stem}.png"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(payload), f, indent=1, allow_nan=False)
+            f.write("\n")
+
+    _atomic_write(path, write)
+    return path
+
+
+def write_figure(path: Path, figure) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(figure)
+    return path
+
+
+def new_figure(ncols: int, nrows: int = 1, width: float = 6.0, height: float = 4.2):
+    """A figure with the non-interactive Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (torch.dtype, torch.device, Path)):
+        return str(value)
+    return value
+
+
+# -- tables -----------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str] | None = None,
+                 title: str | None = None) -> str:
+    """A fixed-width text table of `rows` (dicts) restricted to `columns`; None prints as '-'."""
+    headers = list(columns) if headers is None else list(headers)
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = [] if title is None else [title]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def print_table(*args, **kwargs) -> None:
+    print(format_table(*args, **kwargs), end="\n\n")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e4 or abs(value) < 1e-3:
+            return f"{value:.3e}"
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def human_bytes(n: float | None) -> str | None:
+    if n is None:
+        return None
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

@@ -282,8 +282,9 @@ class _Round:
 class MeltModel(MeltPreTrainedModel):
     def __init__(self, config: MeltConfig):
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # No padding_idx: Ouro's pad token is also its eos (id 0), a real token of packed training data whose
+        # embedding must stay learnable (a padding_idx row is zeroed and frozen).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(MeltDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = MeltRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)

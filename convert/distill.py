@@ -1,0 +1,109 @@
+"""The conversion's losses, its alpha schedule, and the teacher-vs-student comparison of the report.
+
+* Knowledge distillation (both phases): `KL(teacher || student)` of the next-token distributions of
+  EVERY loop (a looped model exits at any loop, so every loop's logits must stay Ouro's), per token,
+  averaged over tokens then over loops, computed in fp32. A temperature tau softens both
+  distributions and the loss is multiplied by tau^2 so that its gradient scale does not depend on tau
+  (Hinton et al.); the default tau = 1 distills the distributions as they are used at inference.
+* Attention alignment (phase 2): `beta * mean over (loop, layer)` of the mean squared error between the
+  student's and the (detached) teacher's attention outputs before o_proj (`[B, L, H*D]`), averaged over
+  elements: the per-element mean keeps beta's meaning independent of the hidden size.
+* Alpha (phase 1): the key/value blend `alpha * KV_melt + (1 - alpha) * KV_loop` rises linearly from 0 on
+  the first step of phase 1 to 1 on its last; phase 2 runs at alpha = 1 (pure MELT). Without interpolation
+  (the ablation) alpha is 1 from the first step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def alpha_at(step: int, phase1_steps: int, interpolate: bool = True) -> float:
+    """The key/value blend alpha of global step `step` (0-based); phase 1 is steps [0, phase1_steps).
+
+    `interpolate=False` is the no-interpolation ablation: alpha = 1 (pure MELT) on every step.
+    """
+    if not interpolate or step >= phase1_steps or phase1_steps <= 1:
+        return 1.0
+    return step / (phase1_steps - 1)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token: `[B, L, V]` logits -> `[B, L]` (fp32)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kd_loss(
+    student_loop_logits: Sequence[torch.Tensor], teacher_loop_logits: Sequence[torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean over loops of the token-averaged KL(teacher || student), times temperature^2. Scalar."""
+    if len(student_loop_logits) != len(teacher_loop_logits):
+        raise ValueError(f"student has {len(student_loop_logits)} loops, teacher {len(teacher_loop_logits)}")
+    terms = [token_kl(s, t.detach(), temperature).mean() for s, t in zip(student_loop_logits, teacher_loop_logits)]
+    return torch.stack(terms).mean() * temperature**2
+
+
+def alignment_loss(student_attention, teacher_attention) -> torch.Tensor:
+    """Mean over (loop, layer) of MSE(o_student, stopgrad(o_teacher)); inputs are T tuples of N `[B, L, H*D]`."""
+    terms = [
+        F.mse_loss(s.float(), t.detach().float())
+        for s_loop, t_loop in zip(student_attention, teacher_attention, strict=True)
+        for s, t in zip(s_loop, t_loop, strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def compare_to_teacher(
+    teacher, models: dict, rows: torch.Tensor, batch_size: int, device: torch.device, autocast=contextlib.nullcontext
+) -> dict:
+    """Per-loop KL(teacher || model) and next-token cross-entropy of each model on held-out `rows` `[N, L]`.
+
+    Returns `{"teacher": {"ce": [T]}, name: {"kl": [T], "ce": [T]}, ...}`, token-averaged over all rows.
+    """
+    sums = {"teacher": {"ce": None}} | {name: {"kl": None, "ce": None} for name in models}
+    count = 0
+    for start in range(0, rows.shape[0], batch_size):
+        batch = rows[start : start + batch_size].to(device)  # [b, L]
+        targets = batch[:, 1:].flatten()
+        with autocast():
+            t_logits = teacher(batch, use_cache=False, return_loop_outputs=True).loop_logits
+        results = {"teacher": {"ce": [F.cross_entropy(x[:, :-1].float().flatten(0, 1), targets, reduction="sum") for x in t_logits]}}
+        for name, model in models.items():
+            with autocast():
+                logits = model(batch, use_cache=False, return_loop_outputs=True).loop_logits
+            results[name] = {
+                "kl": [token_kl(s, t).sum() for s, t in zip(logits, t_logits)],
+                "ce": [F.cross_entropy(x[:, :-1].float().flatten(0, 1), targets, reduction="sum") for x in logits],
+            }
+        for name, metrics in results.items():
+            for key, values in metrics.items():
+                values = torch.stack(values).double().cpu()
+                sums[name][key] = values if sums[name][key] is None else sums[name][key] + values
+        count += batch.numel()
+    ce_count = rows.shape[0] * (rows.shape[1] - 1)
+    return {
+        name: {key: [round(v / (count if key == "kl" else ce_count), 6) for v in values.tolist()] for key, values in metrics.items()}
+        for name, metrics in sums.items()
+    }
+
+
+def format_report(report: dict) -> str:
+    """A small per-loop table of the comparison (see `compare_to_teacher`)."""
+    loops = len(report["teacher"]["ce"])
+    header = f"{'model':<22}" + "".join(f"{'loop ' + str(t + 1):>22}" for t in range(loops))
+    lines = [header, f"{'':<22}" + "".join(f"{'KL(T||m)   CE':>22}" for _ in range(loops))]
+    for name, metrics in report.items():
+        cells = []
+        for t in range(loops):
+            kl = metrics.get("kl", [math.nan] * loops)[t]
+            cells.append(f"{('-' if math.isnan(kl) else f'{kl:.4f}'):>12} {metrics['ce'][t]:>8.4f} ")
+        lines.append(f"{name:<22}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,295 @@
+"""The conversion's training loop: distributed set-up, data order, checkpoints, signals, NaN guard.
+
+* Distributed: under `torchrun` (WORLD_SIZE > 1) a process group is created (nccl on CUDA, gloo on CPU)
+  with an explicit 1-D device mesh, and both the student and the frozen teacher are sharded with FSDP2
+  (`fully_shard` on every decoder layer, then on the root). A single process runs the plain modules.
+* Data order: global step s takes rows `perm_e[(s * B + i) mod N]`, i < B, of a permutation `perm_e` drawn
+  from `seed + epoch`: the order is a pure function of (seed, step), so a resumed run sees exactly the
+  batches an uninterrupted one would. Rank r takes the r-th contiguous slice of the global batch, split into
+  micro-batches; each micro-batch's loss is divided by the number of micro-batches and FSDP averages over
+  ranks, so the gradient is the global-batch mean whatever the number of processes.
+* Checkpoint (`<work>/checkpoint.pt`): full (unsharded) model and optimizer state keyed by parameter name,
+  the scheduler, the step (= data position), the RNG states and the options that must not change on
+  resume; written to a temporary file and renamed, so the previous one survives a crash mid-write.
+* SIGTERM/SIGINT: the current step finishes, a checkpoint is written, and the run stops (`Interrupted`).
+* A non-finite loss raises `NonFiniteLoss` before the optimizer step: the weights on disk (the last
+  checkpoint) are the last good ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import distill
+
+GATE_MARKER = ".gate."
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    mesh: object | None  # the FSDP2 device mesh when world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return values
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        return values / self.world
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """One process, or the torchrun process group with a device mesh (nccl on CUDA, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    mesh = None
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        mesh = init_device_mesh(dev.type, (world,))
+    return Runtime(rank, world, dev, mesh)
+
+
+def prepare_model(model, runtime: Runtime):
+    """Move to the device; shard with FSDP2 (every decoder layer, then the root) when distributed."""
+    if runtime.world == 1:
+        return model.to(runtime.device)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=runtime.mesh)
+    fully_shard(model, mesh=runtime.mesh)
+    return model
+
+
+def batch_rows(step: int, batch_size: int, num_rows: int, seed: int) -> torch.Tensor:
+    """Global batch of step `step`: `[batch_size]` row indices, a pure function of (seed, step)."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in positions.div(num_rows, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        here = positions.div(num_rows, rounding_mode="floor") == epoch
+        out[here] = perm[positions[here] % num_rows]
+    return out
+
+
+def make_optimizer(model, lr: float, gate_lr: float, weight_decay: float):
+    """AdamW with two groups: Ouro's weights at `lr`, the new gate weights (names with '.gate.') at `gate_lr`."""
+    ouro = [p for n, p in model.named_parameters() if p.requires_grad and GATE_MARKER not in n]
+    gate = [p for n, p in model.named_parameters() if p.requires_grad and GATE_MARKER in n]
+    groups = [{"params": ouro, "lr": lr, "name": "ouro"}]
+    if gate:
+        groups.append({"params": gate, "lr": gate_lr, "name": "gate"})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, warmup_steps: int):
+    """Linear warm-up over `warmup_steps`, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, fingerprint: dict, runtime: Runtime) -> None:
+    """Full state at the end of `step` steps; every rank must call it (gathering is collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    if runtime.is_main:
+        payload = {
+            "step": step, "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(), "fingerprint": fingerprint, "world_size": runtime.world,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: the previous checkpoint stays valid until this rename
+    runtime.barrier()
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    # Our own file (it holds Python/NumPy RNG states, which weights_only loading rejects).
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    changed = {k: (payload["fingerprint"].get(k), v) for k, v in fingerprint.items() if payload["fingerprint"].get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(f"--resume with options that differ from the checkpoint's ({detail}); use the same options")
+    set_state_dict(
+        model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+    scheduler.load_state_dict(payload["scheduler"])
+    _set_rng_state(payload["rng"])
+    return payload["step"]
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Record SIGTERM/SIGINT instead of dying, so the loop can checkpoint; restore the handlers after."""
+    received = []
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    student, teacher, rows: torch.Tensor, opts, runtime: Runtime, work_dir: Path, fingerprint: dict,
+    autocast, resume: bool,
+) -> None:
+    """Run global steps [start, phase1 + phase2) (or up to `opts.stop_after` more), logging every step."""
+    from tqdm.auto import tqdm
+
+    total = opts.phase1_steps + opts.phase2_steps
+    per_rank = opts.batch_size // runtime.world
+    micro = opts.micro_batch_size
+    n_micro = per_rank // micro
+    optimizer = make_optimizer(student, opts.lr, opts.gate_lr, opts.weight_decay)
+    scheduler = make_scheduler(optimizer, opts.warmup_steps)
+    checkpoint = work_dir / "checkpoint.pt"
+    log_path = work_dir / "log.jsonl"
+    start = 0
+    if resume:
+        start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint)
+        if runtime.is_main and log_path.exists():  # drop steps after the checkpoint: they are redone
+            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    end = total if opts.stop_after is None else min(total, start + opts.stop_after)
+    params = [p for p in student.parameters() if p.requires_grad]
+    bar = tqdm(total=total, initial=start, disable=not runtime.is_main, desc="convert", dynamic_ncols=True)
+    log = open(log_path, "a") if runtime.is_main else None
+    t0 = time.time()
+    try:
+        with stop_signals() as received:
+            for step in range(start, end):
+                phase = 1 if step < opts.phase1_steps else 2
+                alpha = distill.alpha_at(step, opts.phase1_steps, not opts.no_interpolation) if opts.phase1_steps else 1.0
+                if opts.phase1_steps == 0 or phase == 2:
+                    alpha = 1.0
+                index = batch_rows(step, opts.batch_size, rows.shape[0], opts.seed)
+                local = index[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+                optimizer.zero_grad(set_to_none=True)
+                terms = torch.zeros(3, dtype=torch.float64)  # kd, align, loss
+                for m in range(n_micro):
+                    batch = rows[local[m * micro : (m + 1) * micro]].to(runtime.device)  # [micro, L]
+                    with torch.no_grad(), autocast():
+                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True)
+                    with autocast():
+                        s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha)
+                    kd = distill.kd_loss(s_out.loop_logits, t_out.loop_logits, opts.temperature)
+                    align = (
+                        distill.alignment_loss(s_out.attention_outputs, t_out.attention_outputs)
+                        if phase == 2 else kd.new_zeros(())
+                    )
+                    loss = kd + opts.beta * align
+                    (loss / n_micro).backward()
+                    terms += torch.stack([kd.detach(), align.detach(), loss.detach()]).double().cpu() / n_micro
+                terms = runtime.all_mean(terms)
+                if not bool(torch.isfinite(terms).all()):
+                    last = "none was written yet" if not checkpoint.exists() else f"{checkpoint} holds the last good state"
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {step} (phase {phase}, alpha {alpha:.3f}): kd={terms[0].item()}, "
+                        f"align={terms[1].item()}; training stopped before the optimizer step. Checkpoint: {last}. "
+                        "Lower --lr/--gate-lr or check the data, then continue with --resume."
+                    )
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                optimizer.step()
+                scheduler.step()
+                record = {
+                    "step": step, "phase": phase, "alpha": round(alpha, 6), "loss": terms[2].item(),
+                    "kd": terms[0].item(), "align": terms[1].item(), "grad_norm": float(grad_norm),
+                    **{f"lr_{k}": v for k, v in lrs.items()},
+                    "tokens": (step + 1) * opts.batch_size * rows.shape[1], "seconds": round(time.time() - t0, 3),
+                }
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(phase=phase, alpha=f"{alpha:.2f}", loss=f"{record['loss']:.4f}",
+                                kd=f"{record['kd']:.4f}", align=f"{record['align']:.4f}")
+                done = step + 1
+                stop = torch.tensor([float(received[0]) if received else 0.0])
+                stop = runtime.all_mean(stop) * runtime.world if runtime.world > 1 else stop
+                if stop.item() or done == end or (opts.checkpoint_every and done % opts.checkpoint_every == 0):
+                    if done < total or stop.item():
+                        save_checkpoint(checkpoint, student, optimizer, scheduler, done, fingerprint, runtime)
+                if stop.item():
+                    signum = received[0] if received else signal.SIGTERM
+                    raise Interrupted(signum, done)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return end

@@ -1,0 +1,343 @@
+"""The Ouro -> MELT converter (`convert/from_ouro.py`): exactness at alpha 0, learning, resume, 2 processes,
+bad inputs, output loading, NaN guard. A tiny random Ouro checkpoint and a small corpus slice keep it fast."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from melt import MeltConfig, MeltForCausalLM
+from melt_convert import distill, from_ouro, train
+from melt_convert.data import TINY_CORPUS, TINY_TOKENIZER
+from melt_convert.train_tiny_ouro import write_ouro_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = from_ouro.EMBEDDED_OURO  # the trained tiny Ouro (4 loops): learning is measurable against it
+SMALL = ["--preset", "tiny", "--seq-len", "16", "--chunk-size", "4", "--batch-size", "4", "--micro-batch-size", "2",
+         "--holdout", "4", "--eval-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def ouro_dir(tmp_path_factory):
+    """A tiny random Ouro-format checkpoint (3 loops) with the project's tokenizer."""
+    torch.manual_seed(0)
+    config = MeltConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        head_dim=8, num_loops=3, max_position_embeddings=128, rope_theta=10_000.0, cache_mode="per_loop")
+    model = MeltForCausalLM(config)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-ouro"
+    write_ouro_checkpoint(model, TINY_TOKENIZER, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    lines = TINY_CORPUS.read_text().splitlines()[:150]  # text and chat records both
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(ouro_dir, data_file, out, *extra):
+    return ["--ouro", str(ouro_dir), "--data", str(data_file), "--out", str(out), *SMALL, *extra]
+
+
+def _log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def converted(data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "melt"
+    report = from_ouro.run(_args(TRAINED, data_file, out, "--phase1-steps", "12", "--phase2-steps", "8"))
+    return out, report
+
+
+def test_alpha_zero_student_equals_teacher_exactly(ouro_dir):
+    teacher = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="per_loop", chunk_size=4)
+    student = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="shared", chunk_size=4)
+    with torch.no_grad():  # a gate far from its init, so that alpha = 0 is what hides it
+        for name, param in student.named_parameters():
+            if ".gate." in name:
+                param.normal_(0.0, 0.5)
+    ids = torch.randint(0, 512, (2, 14))
+    t = teacher(ids, use_cache=False, return_loop_outputs=True)
+    s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.0)
+    # Exact up to fp32 rounding: the student attends chunk by chunk (prefix rows + chunk rows), the teacher in
+    # one pass, so the softmax reductions run in another order.
+    for a, b in zip(s.loop_logits, t.loop_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for s_loop, t_loop in zip(s.attention_outputs, t.attention_outputs, strict=True):
+        for a, b in zip(s_loop, t_loop, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert abs(distill.kd_loss(s.loop_logits, t.loop_logits).item()) < 1e-7
+    assert distill.alignment_loss(s.attention_outputs, t.attention_outputs).item() < 1e-10
+    moved = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.5)
+    assert distill.kd_loss(moved.loop_logits, t.loop_logits).item() > 1e-6
+
+
+def test_alpha_schedule():
+    assert [distill.alpha_at(s, 5) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [distill.alpha_at(s, 5, interpolate=False) for s in range(7)] == [1.0] * 7
+
+
+def test_no_interpolation_runs_phase_one_at_alpha_one(ouro_dir, data_file, tmp_path):
+    out = tmp_path / "melt"
+    report = from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "3", "--phase2-steps", "1",
+                                 "--no-interpolation"))
+    log = _log(out / "train_log.jsonl")
+    assert [(r["phase"], r["alpha"]) for r in log] == [(1, 1.0), (1, 1.0), (1, 1.0), (2, 1.0)]
+    assert report["interpolation"] is False
+
+
+def _phase_loss(model, teacher, rows, phase, beta=0.1):
+    with torch.no_grad():
+        t = teacher(rows, use_cache=False, return_loop_outputs=True)
+        s = model(rows, use_cache=False, return_loop_outputs=True)  # alpha = 1: the model that phase 1 must reach
+        loss = distill.kd_loss(s.loop_logits, t.loop_logits)
+        if phase == 2:
+            loss = loss + beta * distill.alignment_loss(s.attention_outputs, t.attention_outputs)
+    return loss.item()
+
+
+@pytest.mark.parametrize("phase", ["1", "2"])
+def test_each_phase_lowers_its_loss(data_file, tmp_path, phase):
+    ouro_dir = TRAINED
+    out = tmp_path / "out"
+    from_ouro.run(_args(ouro_dir, data_file, out, "--phase", phase, "--phase1-steps", "16", "--phase2-steps", "16",
+                        "--batch-size", "8", "--micro-batch-size", "8", "--lr", "3e-4"))
+    teacher = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="per_loop", chunk_size=4)
+    before = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="shared", chunk_size=4)
+    after = MeltForCausalLM.from_pretrained(out)
+    rows = torch.tensor(_held_out_rows(ouro_dir, data_file))
+    assert _phase_loss(after, teacher, rows, int(phase)) < _phase_loss(before, teacher, rows, int(phase))
+    log = _log(out / "train_log.jsonl")
+    assert [r["phase"] for r in log] == [int(phase)] * 16
+    if phase == "2":
+        assert sum(r["loss"] for r in log[-4:]) < sum(r["loss"] for r in log[:4])
+
+
+def _held_out_rows(ouro_dir, data_file):
+    from transformers import AutoTokenizer
+
+    from melt_convert.data import load_text_dataset, pack_sequences, split_holdout
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    rows = pack_sequences(load_text_dataset(data_file, tokenizer), tokenizer, 16, 0)
+    return split_holdout(rows, 4)[1].tolist()
+
+
+def test_report_and_output_load_both_ways_and_generate(converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = converted
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "report.json",
+            "train_log.jsonl", "modeling_melt.py"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "melt" and config["cache_mode"] == "shared" and "auto_map" in config
+    assert json.loads((out / "report.json").read_text()) == report
+    loops = 4
+    assert len(report["per_loop"]["student"]["kl"]) == loops and len(report["per_loop"]["teacher"]["ce"]) == loops
+    # 20 steps of 64 tokens are too few for the student to beat `last` here; the embedded default (100 steps of
+    # 1024 tokens) does, at every loop. The report must carry the comparison either way.
+    assert set(report["per_loop"]) == {"teacher", "student", "last (no training)"}
+    assert isinstance(report["student_closer_than_last"], bool)
+    assert len(_log(out / "train_log.jsonl")) == 20
+    assert not out.with_name(out.name + ".work").exists()  # the work directory is gone after success
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("a=3;b=a+4;?b=", return_tensors="pt").input_ids
+    native = MeltForCausalLM.from_pretrained(out).eval()
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    # In this process `melt` is registered with the Auto classes, which take precedence over auto_map; the
+    # fresh-process remote-code load of a save_pretrained directory is covered by test_checkpoints.py.
+    a = native.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    b = remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert a.shape == (1, ids.shape[1] + 4) and torch.equal(a, b)
+
+
+def test_existing_out_is_refused_unless_overwrite(converted, ouro_dir, data_file):
+    out, _ = converted
+    with pytest.raises(ValueError, match="already exists"):
+        from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "1", "--phase2-steps", "0"))
+    assert (out / "model.safetensors").is_file()
+
+
+def test_kill_and_resume_reaches_the_same_weights(ouro_dir, data_file, tmp_path):
+    steps = ["--phase1-steps", "4", "--phase2-steps", "4", "--checkpoint-every", "3"]
+    whole = tmp_path / "whole"
+    from_ouro.run(_args(ouro_dir, data_file, whole, *steps))
+    pieces = tmp_path / "pieces"
+    assert from_ouro.run(_args(ouro_dir, data_file, pieces, *steps, "--stop-after", "5")) is None
+    assert not pieces.exists() and (tmp_path / "pieces.work" / "checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match="differ from the checkpoint"):
+        from_ouro.run(_args(ouro_dir, data_file, pieces, "--phase1-steps", "4", "--phase2-steps", "5", "--resume"))
+    from_ouro.run(_args(ouro_dir, data_file, pieces, *steps, "--resume"))
+    a, b = load_file(whole / "model.safetensors"), load_file(pieces / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert [r["step"] for r in _log(pieces / "train_log.jsonl")] == list(range(8))
+    assert [r["loss"] for r in _log(pieces / "train_log.jsonl")] == [r["loss"] for r in _log(whole / "train_log.jsonl")]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(ouro_dir, data_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "melt"
+    steps = ["--phase1-steps", "400", "--phase2-steps", "0", "--checkpoint-every", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "melt_convert.from_ouro", *_args(ouro_dir, data_file, out, *steps)]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "melt.work" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "continue with --resume" in stderr
+    assert (tmp_path / "melt.work" / "checkpoint.pt").is_file() and not out.exists()
+    done = len(_log(log))
+    assert 2 <= done < 400
+    from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "400", "--phase2-steps", "0",
+                        "--checkpoint-every", "0", "--resume", "--stop-after", "3"))
+    assert len(_log(log)) == done + 3  # picked up where the signal stopped it
+
+
+def test_embedded_default_ends_closer_to_the_teacher_than_training_free_last(tmp_path):
+    report = from_ouro.run(["--out", str(tmp_path / "melt")])  # the README's main job, as it runs there
+    kl = {name: sum(row["kl"]) for name, row in report["per_loop"].items() if name != "teacher"}
+    assert report["preset"] == "tiny" and report["student_closer_than_last"]
+    assert kl["student"] < kl["last (no training)"], kl
+
+
+def test_two_gloo_processes_match_one(ouro_dir, data_file, tmp_path):
+    steps = ["--phase1-steps", "3", "--phase2-steps", "3"]
+    single = tmp_path / "single"
+    from_ouro.run(_args(ouro_dir, data_file, single, *steps, "--micro-batch-size", "4"))
+    double = tmp_path / "double"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "melt_convert.from_ouro", *_args(ouro_dir, data_file, double, *steps)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = _log(single / "train_log.jsonl"), _log(double / "train_log.jsonl")
+    assert [r["step"] for r in two] == list(range(6))
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7), (a, b)
+    report = json.loads((double / "report.json").read_text())
+    assert report["processes"] == 2
+    w1, w2 = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _corrupt(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def _set_model_type(path):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+
+
+def _drop_tensor(path):
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+
+
+def _misshape_tensor(path):
+    state = load_file(path / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(31)
+    save_file(state, path / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("not_ouro", "not an Ouro checkpoint"),
+        ("missing_tensor", "1 missing: model.layers.1.mlp.up_proj.weight"),
+        ("misshaped_tensor", "misshaped: model.norm.weight"),
+        ("empty_data", "empty"),
+        ("unreadable_data", "cannot read json"),
+        ("missing_data", "does not exist"),
+        ("seq_chunk", "must divide --seq-len"),
+        ("batch_micro", "must divide the per-process batch"),
+        ("seq_too_long", "max_position_embeddings"),
+    ],
+)
+def test_bad_inputs_fail_before_training_and_leave_nothing(ouro_dir, data_file, tmp_path, case, match):
+    ouro, data, extra = ouro_dir, data_file, []
+    if case == "not_ouro":
+        ouro = _corrupt(ouro_dir, tmp_path / "ckpt", _set_model_type)
+    elif case == "missing_tensor":
+        ouro = _corrupt(ouro_dir, tmp_path / "ckpt", _drop_tensor)
+    elif case == "misshaped_tensor":
+        ouro = _corrupt(ouro_dir, tmp_path / "ckpt", _misshape_tensor)
+    elif case == "empty_data":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("\n")
+    elif case == "unreadable_data":
+        data = tmp_path / "bad.jsonl"
+        data.write_text('{"text": "fine"}\n{not json at all\n')
+    elif case == "missing_data":
+        data = tmp_path / "nowhere.jsonl"
+    elif case == "seq_chunk":
+        extra = ["--chunk-size", "5"]
+    elif case == "batch_micro":
+        extra = ["--micro-batch-size", "3"]
+    elif case == "seq_too_long":
+        extra = ["--seq-len", "256", "--chunk-size", "4"]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        from_ouro.run(_args(ouro, data, out, "--phase1-steps", "2", "--phase2-steps", "0", *extra))
+    assert not out.exists() and not (tmp_path / "out.work").exists()
+
+
+def test_cli_prints_one_line_errors(tmp_path, capsys):
+    assert from_ouro.main(["--out", str(tmp_path / "o"), "--seq-len", "10", "--chunk-size", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: inconsistent options") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ouro_dir, data_file, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_kd = distill.kd_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_kd(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 * 3 else loss  # 2 micro-batches per step: NaN at step 3
+
+    monkeypatch.setattr(distill, "kd_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3"):
+        from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "6", "--phase2-steps", "0", "--checkpoint-every", "2"))
+    assert not out.exists()
+    checkpoint = torch.load(tmp_path / "out.work" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert [r["step"] for r in _log(tmp_path / "out.work" / "log.jsonl")] == [0, 1, 2]
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        from_ouro.main(["--help"])
+    text = capsys.readouterr().out
+    for action in from_ouro.build_parser()._actions:
+        assert action.help, action.dest
+    for option in ("--ouro", "--data", "--phase", "--resume", "--overwrite", "--push-to-hub", "--temperature", "--beta"):
+        assert option in text

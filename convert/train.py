@@ -38,7 +38,7 @@ GATE_MARKER = ".gate."
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A step's loss was NaN or inf: training stops before the optimizer step; the last checkpoint is kept."""
 
 
 class Interrupted(Exception):

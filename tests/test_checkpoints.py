@@ -41,6 +41,9 @@ def test_save_pretrained_round_trip(tmp_path, shard):
     }
     loaded = MeltForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+    deeper = MeltForCausalLM.from_pretrained(tmp_path, num_loops=5).eval()  # loops overridden at load time
+    assert deeper.config.num_loops == 5
+    assert torch.equal(deeper(ids).logits, model(ids, num_loops=5).logits)
 
 
 @pytest.mark.parametrize("kernels_installed", [True, False], ids=["with-kernels", "without-kernels"])

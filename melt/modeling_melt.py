@@ -356,8 +356,9 @@ class MeltModel(MeltPreTrainedModel):
         rounds = self._plan_rounds(position_ids, real, key_mask, past, length, inputs_embeds.device)
 
         keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
+        row_like = self._row_like(inputs_embeds, batch)
         for layer_cache in cache.layers:
-            layer_cache.reserve(past + length, like=self._row_like(inputs_embeds, batch))
+            layer_cache.reserve(past + length, like=row_like)
         per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache, num_loops, blend, backend,
                                      keep_loops, return_loop_outputs) for rnd in rounds]
         for layer_cache in cache.layers:

@@ -15,7 +15,8 @@ The architecture, in the choices that matter:
   boundaries are multiples of C on each sequence's own positions, so padding never changes a result.
   Decoding one token at a time is C = 1, exact autoregressive semantics.
 - Phase-1 blend. `kv_blend_alpha` makes the attention read `alpha * KV_melt + (1 - alpha) * KV_loop`;
-  alpha = 0 is Ouro exactly, alpha = 1 is MELT. The converter ramps it.
+  alpha = 0 is Ouro exactly, alpha = 1 is MELT. The converter ramps it. Loop t's prefix rows are blended
+  once, when the chunk's rows are final, and stored in the cache's loop slot t (see cache_melt.py).
 """
 
 from __future__ import annotations
@@ -336,6 +337,7 @@ class MeltModel(MeltPreTrainedModel):
             # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
             cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
         self._check_cache(cache, num_loops, blend)
+        cache.blend_alpha = blend
         past = cache.get_seq_length()
 
         key_mask = self._full_key_mask(attention_mask, batch, past + length, inputs_embeds.device)
@@ -400,6 +402,7 @@ class MeltModel(MeltPreTrainedModel):
         cos, sin = rnd.take(cos), rnd.take(sin)
         latents = [None] * len(self.layers)
         final_rows = [None] * len(self.layers)
+        blend_rows = [[None] * len(self.layers) for _ in range(num_loops)]
         out = {"exit": [], "hidden": {}, "attn": [[None] * len(self.layers) for _ in range(num_loops)]}
         for loop in range(num_loops):
             for idx, layer in enumerate(self.layers):
@@ -407,8 +410,10 @@ class MeltModel(MeltPreTrainedModel):
                 hidden, latents[idx], shared_rows, loop_rows, attn = layer(
                     hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend
                 )
-                if loop_rows is not None:  # per-loop rows are final as soon as they exist
+                if loop_rows is not None and blend is None:  # per-loop rows are final as soon as they exist
                     cache.layers[idx].write(cache.loop_slot(loop), *loop_rows, *rnd.write_at)
+                elif loop_rows is not None:  # blended with the shared row, which is final only after the round
+                    blend_rows[loop][idx] = loop_rows
                 final_rows[idx] = shared_rows
                 if collect:
                     out["attn"][loop][idx] = attn
@@ -419,6 +424,11 @@ class MeltModel(MeltPreTrainedModel):
         if cache.has_shared_rows:  # the chunk's rows are final only now
             for idx, rows in enumerate(final_rows):
                 cache.layers[idx].write(cache.shared_slot, *rows, *rnd.write_at)
+                if blend is not None:  # loop slot t: the row loop t's queries read, written once like the shared one
+                    for loop in range(num_loops):
+                        (k_loop, v_loop), (k, v) = blend_rows[loop][idx], rows
+                        cache.layers[idx].write(cache.loop_slot(loop), torch.lerp(k_loop, k, blend),
+                                                torch.lerp(v_loop, v, blend), *rnd.write_at)
         out["exit"] = torch.stack(out["exit"], dim=2)  # [B, W, T, 1]
         return out
 
@@ -426,14 +436,9 @@ class MeltModel(MeltPreTrainedModel):
         if prefix_len == 0:
             return None, None
         layer_cache = cache.layers[layer_idx]
-        if cache.cache_mode == "per_loop":
+        if cache.cache_mode == "per_loop" or blend is not None:  # with the blend, loop slots hold blended rows
             return layer_cache.rows(cache.loop_slot(loop), prefix_len)
-        k, v = layer_cache.rows(cache.shared_slot, prefix_len)
-        if blend is None:
-            return k, v
-        # Phase-1 blend of the prefix, materialised per (loop, layer): a training-time construct only.
-        k_loop, v_loop = layer_cache.rows(cache.loop_slot(loop), prefix_len)
-        return torch.lerp(k_loop, k, blend), torch.lerp(v_loop, v, blend)
+        return layer_cache.rows(cache.shared_slot, prefix_len)
 
     # -- planning ---------------------------------------------------------------------------------------------
 
@@ -537,6 +542,11 @@ class MeltModel(MeltPreTrainedModel):
             )
         if blend is not None and not cache.has_loop_rows:
             raise ValueError("kv_blend_alpha < 1 needs a MeltCache created with keep_loop_rows=True")
+        if cache.has_loop_rows and cache.cache_mode == "shared" and cache.get_seq_length() and cache.blend_alpha != blend:
+            raise ValueError(
+                f"this cache holds loop rows blended with kv_blend_alpha={cache.blend_alpha} but the call uses "
+                f"{blend}; every call on one cache needs the same kv_blend_alpha (start a new cache to change it)"
+            )
 
 
 def _mask_upto(key_mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:

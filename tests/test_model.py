@@ -119,6 +119,19 @@ def test_blend_alpha_zero_equals_per_loop(chunk):
     assert max_diff(model(ids, kv_blend_alpha=0.5).logits, reference.logits) > 1e-4
 
 
+def test_blend_through_a_cache_equals_one_call_and_keeps_its_alpha():
+    model = tiny_model(chunk_size=4)
+    ids = torch.randint(0, 61, (2, 12))
+    whole = model(ids, kv_blend_alpha=0.3).logits
+    cache = model.new_cache(keep_loop_rows=True)
+    parts = [model(ids[:, :8], kv_blend_alpha=0.3, past_key_values=cache).logits,
+             model(ids[:, 8:], kv_blend_alpha=0.3, past_key_values=cache).logits]
+    assert max_diff(torch.cat(parts, dim=1), whole) < ATOL
+    for alpha in (0.5, None):  # the loop slots hold rows blended with 0.3 (None: MELT alone writes no loop rows)
+        with pytest.raises(ValueError, match="same kv_blend_alpha"):
+            model(ids[:, :1], kv_blend_alpha=alpha, past_key_values=cache)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 32])
 def test_single_loop_shared_equals_per_loop_for_any_chunk(chunk):
     model = tiny_model(num_loops=1, chunk_size=chunk)
@@ -306,19 +319,95 @@ def test_gate_types_follow_the_spec(gate_type):
     assert sum(p.numel() for p in gate.parameters()) == expected
 
 
-def test_gradients_flow_across_chunks_gradcheck():
+GRADCHECK_CASES = {
+    "shared": dict(),
+    "per_loop": dict(cache_mode="per_loop"),
+    "blend": dict(kv_blend_alpha=0.5),
+    "padded": dict(attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])),  # misaligned chunks: scatter
+}
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+def test_gradients_flow_across_chunks_gradcheck(case):
+    options = dict(GRADCHECK_CASES[case])
     model = tiny_model(hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=1,
-                       head_dim=4, num_hidden_layers=1, num_loops=2, chunk_size=2).double()
-    embeds = torch.randn(1, 5, 8, dtype=torch.double, requires_grad=True)
+                       head_dim=4, num_hidden_layers=1, num_loops=2, chunk_size=2,
+                       cache_mode=options.pop("cache_mode", "shared")).double()
+    batch = 2 if "attention_mask" in options else 1
+    embeds = torch.randn(batch, 5, 8, dtype=torch.double, requires_grad=True)
 
     def last_token_logits(x):
-        return model(inputs_embeds=x, use_cache=False).logits[:, -1]
+        return model(inputs_embeds=x, use_cache=False, **options).logits[:, -1]
 
     assert torch.autograd.gradcheck(last_token_logits, (embeds,), eps=1e-6, atol=1e-5)
     last_token_logits(embeds).sum().backward()
-    # the last token (chunk 2) reaches the first chunk's tokens only through their cache rows
-    assert embeds.grad[0, 0].abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gate." in n)
+    # the last token (chunk 2 or 3) reaches the first chunk's tokens only through their cache rows
+    assert embeds.grad[-1, 0].abs().sum() > 0
+    if model.config.cache_mode == "shared":
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".gate." in n)
+
+
+@pytest.mark.parametrize("blend", [None, 0.5])
+def test_training_keeps_one_copy_of_the_cache_rows(blend):
+    """Backward needs the prefix rows of every chunk; they must all be views of the cache's one buffer per slot.
+
+    Rows written out of place would leave a full-length buffer version per chunk alive for backward: O(L^2 / C).
+    """
+    model = tiny_model(chunk_size=4).train()
+    ids = torch.randint(0, 61, (2, 32))  # 8 chunks
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(ids, use_cache=True, kv_blend_alpha=blend)
+    cache = out.past_key_values
+    buffers = [buffer for layer in cache.layers for buffer in layer.keys + layer.values]
+    buffer_storages = {buffer.untyped_storage().data_ptr() for buffer in buffers}
+    # Saved tensors that are (views of) a full-length row buffer `[B, kv_heads, capacity, head_dim]`.
+    row_buffers = {t.untyped_storage().data_ptr() for t in saved
+                   if (t if t._base is None else t._base).shape == buffers[0].shape}
+    prefix_reads = [t for t in saved if t.untyped_storage().data_ptr() in buffer_storages]
+    assert len(prefix_reads) >= 7, "the prefix reads of chunks 2-8 must save views of the cache buffers"
+    assert row_buffers <= buffer_storages  # and no other version of them is kept for backward
+    out.logits.sum().backward()
+    assert all(not buffer.requires_grad for buffer in buffers)
+
+
+def test_crop_and_rewrite_do_not_change_a_pending_backward():
+    model = tiny_model(chunk_size=3).train()
+    ids = torch.randint(0, 61, (1, 12))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+
+    def gradient(rewrite: bool) -> torch.Tensor:
+        x = embeds.detach().clone().requires_grad_()
+        out = model(inputs_embeds=x, use_cache=True)
+        if rewrite:  # crop and write other rows at the cropped columns before the first graph's backward
+            out.past_key_values.crop(4)
+            model(inputs_embeds=torch.randn(1, 8, embeds.shape[-1]), past_key_values=out.past_key_values)
+        out.logits[:, -1].sum().backward()
+        return x.grad
+
+    assert max_diff(gradient(True), gradient(False)) == 0.0
+
+
+def test_gradients_follow_a_reordered_cache():
+    model = tiny_model(chunk_size=3).train()
+    first, second = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (2, 4))
+    weights = torch.randn(2, 1, 61)
+
+    def gradient(reorder: bool) -> torch.Tensor:
+        x = model.get_input_embeddings()(first).detach().requires_grad_()
+        cache = model(inputs_embeds=x, use_cache=True).past_key_values
+        order = torch.tensor([1, 0] if reorder else [0, 1])
+        cache.reorder_cache(order)
+        logits = model(second[order], past_key_values=cache).logits
+        (logits[:, -1:] * weights[order]).sum().backward()
+        return x.grad
+
+    assert max_diff(gradient(True), gradient(False)) < 1e-6
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -27,6 +27,11 @@ A problem is a list of assignments over single-letter variables followed by a qu
   hash range. The splits are disjoint by construction: no test computation is ever trained on,
   under any renaming. Held-out depths are a second, independent axis: train on
   ``depths=(1, 2, 3, 4)`` and evaluate on ``depths=(5, 6)``.
+* Two written forms of the same chains. ``form="variables"`` (the default) is the assignment list
+  above. ``form="expression"`` writes the chain alone, evaluated left to right, with no names and no
+  distractors: ``3+4*3-5=6`` is depth 3 (((3+4)*3)-5 mod 10). It keeps the sequential dependence
+  (every hop needs the value before it) and drops the name look-ups, which tiny models are slow to
+  learn; ``benchmarks.reproduce`` uses it.
 * Evaluation: ``depth_problems(..., split="test")`` returns ``Problem(prompt, answer, depth)``; a model
   is scored by exact match of the one answer token after the prompt. The prompt ends in ``=`` and
   the tokenizer (``convert.tokenizer``) isolates digits, so the tokens of ``prompt + answer`` are the
@@ -73,6 +78,7 @@ MODULUS = 10
 TEST_FRACTION = 0.1
 SPLITS = ("train", "test")
 DEFAULT_DEPTHS = (1, 2, 3, 4, 5, 6)
+FORMS = ("variables", "expression")
 # Operands that keep each operator a bijection of Z/10: no identity, no zero divisors.
 OPERANDS: dict[str, tuple[int, ...]] = {"+": tuple(range(1, 10)), "-": tuple(range(1, 10)), "*": (3, 7, 9)}
 VARIABLES = string.ascii_lowercase
@@ -117,7 +123,9 @@ def _sample_hop(rng: random.Random) -> tuple[str, int]:
     return operator, rng.choice(OPERANDS[operator])
 
 
-def _check_depth_settings(depths: Sequence[int], distractors: tuple[int, int], split: str) -> None:
+def _check_depth_settings(depths: Sequence[int], distractors: tuple[int, int], split: str, form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not depths or any(depth < 1 for depth in depths):
@@ -132,13 +140,21 @@ def _check_depth_settings(depths: Sequence[int], distractors: tuple[int, int], s
         )
 
 
-def _sample_problem(rng: random.Random, depth: int, split: str, distractors: tuple[int, int]) -> Problem:
+def _sample_problem(
+    rng: random.Random, depth: int, split: str, distractors: tuple[int, int], form: str = "variables"
+) -> Problem:
     # Rejection sampling on the chain's hash is what makes the splits disjoint.
     while True:
         start = rng.randrange(MODULUS)
         hops = [_sample_hop(rng) for _ in range(depth)]
         if chain_split(start, hops) == split:
             break
+    if form == "expression":
+        value = start
+        for operator, operand in hops:
+            value = _apply(operator, value, operand)
+        prompt = str(start) + "".join(f"{operator}{operand}" for operator, operand in hops) + "="
+        return Problem(prompt=prompt, answer=str(value), depth=depth)
     num_distractors = rng.randint(*distractors)
     names = rng.sample(VARIABLES, depth + 1 + num_distractors)
     chain_names, distractor_names = names[: depth + 1], iter(names[depth + 1 :])
@@ -177,6 +193,7 @@ def depth_problems(
     depths: Sequence[int] = DEFAULT_DEPTHS,
     split: str = "test",
     distractors: tuple[int, int] = (0, 3),
+    form: str = "variables",
 ) -> list[Problem]:
     """``n`` depth-task problems of one split; depths cycle through ``depths`` so each is equally used.
 
@@ -185,11 +202,12 @@ def depth_problems(
         seed: the same (seed, split, depths, distractors) always gives the same problems.
         depths: depths to draw, in the order they cycle (problem i has depth ``depths[i % len(depths)]``).
         split: "test" for evaluation, "train" for training data; disjoint by construction.
-        distractors: inclusive range of distractor assignments per problem.
+        distractors: inclusive range of distractor assignments per problem (variables form only).
+        form: "variables" (assignments, then a query) or "expression" (the bare chain, ``3+4*3=``).
     """
-    _check_depth_settings(depths, distractors, split)
+    _check_depth_settings(depths, distractors, split, form)
     rng = random.Random(f"depth-problems/{split}/{seed}")
-    return [_sample_problem(rng, depths[i % len(depths)], split, distractors) for i in range(n)]
+    return [_sample_problem(rng, depths[i % len(depths)], split, distractors, form) for i in range(n)]
 
 
 def render_depth_document(problems: Iterable[Problem]) -> str:
@@ -352,6 +370,7 @@ class CorpusMix:
     prose_chat: float = 0.1  # chats: a question about a noun, name or place, answered in prose
     depths: tuple[int, ...] = DEFAULT_DEPTHS  # depths of training problems; omit some to hold them out
     distractors: tuple[int, int] = (0, 3)  # inclusive range of distractor assignments per problem
+    form: str = "variables"  # how problems are written: "variables" or "expression" (see the module doc)
     problems_per_document: tuple[int, int] = (4, 8)  # inclusive range of problems per depth document
 
     @property
@@ -376,12 +395,12 @@ def make_corpus(num_docs: int, seed: int, mix: CorpusMix = CorpusMix()) -> list[
     low, high = mix.problems_per_document
     if not 1 <= low <= high:
         raise ValueError(f"problems_per_document must satisfy 1 <= low <= high, got {(low, high)}")
-    _check_depth_settings(mix.depths, mix.distractors, "train")
+    _check_depth_settings(mix.depths, mix.distractors, "train", mix.form)
 
     rng = random.Random(f"corpus/{seed}")
 
     def train_problem() -> Problem:
-        return _sample_problem(rng, rng.choice(mix.depths), "train", mix.distractors)
+        return _sample_problem(rng, rng.choice(mix.depths), "train", mix.distractors, mix.form)
 
     records: list[Record] = []
     for kind in rng.choices(list(weights), weights=list(weights.values()), k=num_docs):

@@ -120,6 +120,38 @@ def test_train_and_test_splits_are_disjoint():
     assert {chain_split(*chain) for chain in train_chains | corpus_chains} == {"train"}
 
 
+def expression_chain(prompt: str) -> tuple:
+    """(start value, ((op, operand), ...)) of an expression-form prompt such as ``3+4*3=``."""
+    assert prompt.endswith("=") and len(prompt) % 2 == 0, prompt
+    body = prompt[:-1]
+    return int(body[0]), tuple((body[i], int(body[i + 1])) for i in range(1, len(body), 2))
+
+
+def test_expression_form_evaluates_left_to_right_on_the_same_split():
+    problems = depth_problems(600, seed=0, depths=(1, 2, 3), split="test", form="expression")
+    for problem in problems:
+        start, hops = expression_chain(problem.prompt)
+        value = start
+        for symbol, operand in hops:
+            value = {"+": value + operand, "-": value - operand, "*": value * operand}[symbol] % 10
+        assert problem.answer == str(value) and problem.depth == len(hops), problem
+        assert chain_split(start, hops) == "test"
+    assert Counter(problem.depth for problem in problems) == {1: 200, 2: 200, 3: 200}
+    # Hand-checked: ((3 + 4) * 3 - 5) mod 10 = 6.
+    assert ((3 + 4) * 3 - 5) % 10 == 6 and expression_chain("3+4*3-5=") == (3, (("+", 4), ("*", 3), ("-", 5)))
+    records = make_corpus(300, seed=0, mix=CorpusMix(depths=(1, 2), form="expression"))
+    lines = [line for r in records if "text" in r for line in r["text"].split("\n") if line[:1].isdigit()]
+    lines += [r["messages"][0]["content"] + r["messages"][1]["content"] for r in records if "messages" in r
+              and r["messages"][0]["content"][:1].isdigit()]
+    chains = {expression_chain(line[:-1]) for line in lines}
+    assert len(chains) > 100 and {len(hops) for _, hops in chains} == {1, 2}
+    assert {chain_split(*chain) for chain in chains} == {"train"}
+    # A chain is drawn before anything form-specific (names, distractors), so the first problem of a seed
+    # is the same computation in both forms.
+    named, bare = depth_problems(1, seed=3, split="test"), depth_problems(1, seed=3, split="test", form="expression")
+    assert chain_key(named[0].prompt) == expression_chain(bare[0].prompt)
+
+
 def test_corpus_holds_out_depths():
     records = make_corpus(200, seed=0, mix=CorpusMix(depths=(1, 2)))
     depths = {solve(prompt)[1] for prompt in corpus_problems(records)}
@@ -134,8 +166,9 @@ def test_corpus_holds_out_depths():
         (dict(depths=(6,), distractors=(0, 20)), "letters"),
         (dict(distractors=(3, 1)), "distractors"),
         (dict(split="validation"), "split"),
+        (dict(form="prose"), "form"),
     ],
-    ids=["depth0", "no-depths", "too-many-variables", "bad-range", "bad-split"],
+    ids=["depth0", "no-depths", "too-many-variables", "bad-range", "bad-split", "bad-form"],
 )
 def test_depth_problems_reject_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -60,6 +60,17 @@ def test_a_rerun_with_the_same_recipe_reuses_the_trained_models(smoke):
     assert payload["per_seed"]["0"]["train_seconds"].keys() == set(trained)
 
 
+def test_seeds_in_parallel_processes_match_a_serial_run(smoke, tmp_path):
+    _, serial = smoke
+    payload = reproduce.run(["--preset", "smoke", "--seeds", "0", "1", "--jobs", "2", "--out-dir", str(tmp_path),
+                             "--run-dir", str(tmp_path / "run")])
+    assert payload["jobs"] == 2 and set(payload["per_seed"]) == {"0", "1"}
+    assert payload["per_seed"]["0"]["rows"] == serial["per_seed"]["0"]["rows"]
+    assert payload["per_seed"]["1"]["rows"] != serial["per_seed"]["0"]["rows"]
+    with pytest.raises(ValueError, match="--jobs"):
+        reproduce.run(["--preset", "smoke", "--jobs", "0", "--out-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+
+
 def test_steps_scale_multiplies_every_step_count():
     recipe = reproduce.scaled(reproduce.PRESETS["default"], 0.5)
     assert recipe.pretrain_steps == reproduce.PRESETS["default"].pretrain_steps // 2

@@ -5,6 +5,10 @@
   averaged over tokens then over loops, computed in fp32. A temperature tau softens both
   distributions and the loss is multiplied by tau^2 so that its gradient scale does not depend on tau
   (Hinton et al.); the default tau = 1 distills the distributions as they are used at inference.
+  Training computes it from the loops' final hidden states (`kd_loss_from_hidden`), block of tokens by
+  block, recomputing each block's logits in backward: the full-vocabulary logits of every loop are never
+  held (at the published shape, 4 loops x 10,000 tokens x 49,152 words, the fp32 softmaxes that backward
+  keeps would be ~16 GB per sequence).
 * Attention alignment (phase 2): `beta * mean over (loop, layer)` of the mean squared error between the
   student's and the (detached) teacher's attention outputs before o_proj (`[B, L, H*D]`), averaged over
   elements: the per-element mean keeps beta's meaning independent of the hidden size.
@@ -21,6 +25,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KD_BLOCK_TOKENS = 1024  # tokens (per sequence) whose logits exist at once in `kd_loss_from_hidden`
 
 
 def alpha_at(step: int, phase1_steps: int, interpolate: bool = True) -> float:
@@ -47,6 +54,44 @@ def kd_loss(
     if len(student_loop_logits) != len(teacher_loop_logits):
         raise ValueError(f"student has {len(student_loop_logits)} loops, teacher {len(teacher_loop_logits)}")
     terms = [token_kl(s, t.detach(), temperature).mean() for s, t in zip(student_loop_logits, teacher_loop_logits)]
+    return torch.stack(terms).mean() * temperature**2
+
+
+def kd_loss_from_hidden(
+    student_head: torch.nn.Module,
+    student_hidden: Sequence[torch.Tensor],
+    teacher_head: torch.nn.Module,
+    teacher_hidden: Sequence[torch.Tensor],
+    temperature: float = 1.0,
+    block_tokens: int = KD_BLOCK_TOKENS,
+) -> torch.Tensor:
+    """`kd_loss` of the heads' logits of per-loop hidden states (`[B, L, hidden]` each), one token block at a time.
+
+    Equal to `kd_loss([student_head(h) ...], [teacher_head(h) ...])` up to summation order. With grad, each
+    block's KL is checkpointed, so backward keeps only the hidden states and recomputes the block's logits.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"student has {len(student_hidden)} loops, teacher {len(teacher_hidden)}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+
+    def block_kl(student_block: torch.Tensor, teacher_block: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_block)
+        return token_kl(student_head(student_block), teacher_logits, temperature).sum()
+
+    terms = []
+    for student_states, teacher_states in zip(student_hidden, teacher_hidden):
+        batch, length = student_states.shape[:2]
+        teacher_states = teacher_states.detach()
+        total = 0.0
+        for start in range(0, length, block_tokens):
+            blocks = (student_states[:, start : start + block_tokens], teacher_states[:, start : start + block_tokens])
+            if torch.is_grad_enabled() and student_states.requires_grad:
+                total = total + checkpoint(block_kl, *blocks, use_reentrant=False)
+            else:
+                total = total + block_kl(*blocks)
+        terms.append(total / (batch * length))
     return torch.stack(terms).mean() * temperature**2
 
 

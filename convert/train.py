@@ -241,11 +241,14 @@ def train(
                 terms = torch.zeros(3, dtype=torch.float64)  # kd, align, loss
                 for m in range(n_micro):
                     batch = rows[local[m * micro : (m + 1) * micro]].to(runtime.device)  # [micro, L]
+                    # logits_to_keep=1: the per-loop logits are made block by block inside the KD loss instead.
                     with torch.no_grad(), autocast():
-                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True)
+                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True, logits_to_keep=1)
                     with autocast():
-                        s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha)
-                    kd = distill.kd_loss(s_out.loop_logits, t_out.loop_logits, opts.temperature)
+                        s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha,
+                                        logits_to_keep=1)
+                        kd = distill.kd_loss_from_hidden(student.lm_head, s_out.loop_hidden_states, teacher.lm_head,
+                                                         t_out.loop_hidden_states, opts.temperature)
                     align = (
                         distill.alignment_loss(s_out.attention_outputs, t_out.attention_outputs)
                         if phase == 2 else kd.new_zeros(())

@@ -244,11 +244,13 @@ class MeltModelOutput(ModelOutput):
 
 @dataclass
 class MeltCausalLMOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` plus the loop outputs of `MeltModelOutput`; `loop_logits`: T tensors `[B, L, V]`
-    (with `return_loop_outputs`)."""
+    """`CausalLMOutputWithPast` plus the loop outputs of `MeltModelOutput`; `loop_logits`: T tensors `[B, K, V]`
+    for the `logits_to_keep` positions, `loop_hidden_states`: T tensors `[B, L, hidden]` for all of them (both
+    with `return_loop_outputs`)."""
 
     exit_probs: torch.Tensor | None = None
     loop_logits: tuple[torch.Tensor, ...] | None = None
+    loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
 
@@ -644,6 +646,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             exit_probs=outputs.exit_probs,
             loop_logits=loop_logits,
+            loop_hidden_states=outputs.loop_hidden_states,
             attention_outputs=outputs.attention_outputs,
         )
 

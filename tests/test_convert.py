@@ -80,6 +80,35 @@ def test_alpha_zero_student_equals_teacher_exactly(ouro_dir):
     assert distill.kd_loss(moved.loop_logits, t.loop_logits).item() > 1e-6
 
 
+@pytest.mark.parametrize("block", [1, 5, 64])
+def test_blockwise_kd_from_hidden_states_equals_kd_of_the_logits(ouro_dir, block):
+    teacher = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="per_loop", chunk_size=4)
+    student = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="shared", chunk_size=4)
+    ids = torch.randint(0, 512, (2, 14))
+    with torch.no_grad():
+        t = teacher(ids, use_cache=False, return_loop_outputs=True)
+    losses, grads = [], []
+    for blockwise in (False, True):
+        student.zero_grad()
+        s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.5, logits_to_keep=1 if blockwise else 0)
+        if blockwise:
+            assert s.loop_logits[0].shape[1] == 1  # no full logits were made
+            loss = distill.kd_loss_from_hidden(student.lm_head, s.loop_hidden_states, teacher.lm_head,
+                                               t.loop_hidden_states, temperature=2.0, block_tokens=block)
+        else:
+            loss = distill.kd_loss(s.loop_logits, t.loop_logits, temperature=2.0)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert losses[0] > 1e-6 and abs(losses[0] - losses[1]) < 1e-4 * losses[0]  # fp32 matmuls of other shapes
+    assert grads[0].keys() == grads[1].keys() and "lm_head.weight" in grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert not any(p.grad is not None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="loops"):
+        distill.kd_loss_from_hidden(student.lm_head, s.loop_hidden_states[:1], teacher.lm_head, t.loop_hidden_states)
+
+
 def test_alpha_schedule():
     assert [distill.alpha_at(s, 5) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert [distill.alpha_at(s, 5, interpolate=False) for s in range(7)] == [1.0] * 7
@@ -315,14 +344,14 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ouro_dir, data_file, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_kd = distill.kd_loss
+    real_kd = distill.kd_loss_from_hidden
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real_kd(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 2 * 3 else loss  # 2 micro-batches per step: NaN at step 3
 
-    monkeypatch.setattr(distill, "kd_loss", poisoned)
+    monkeypatch.setattr(distill, "kd_loss_from_hidden", poisoned)
     out = tmp_path / "out"
     with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3"):
         from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "6", "--phase2-steps", "0", "--checkpoint-every", "2"))

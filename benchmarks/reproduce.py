@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -202,7 +201,7 @@ def pretrain(rows: torch.Tensor, num_loops: int, recipe: Recipe, seed: int, toke
     """Train the tiny stack with `num_loops` loops (per_loop: Ouro) and write it as an Ouro checkpoint at `out`."""
     from melt import MeltConfig, MeltForCausalLM
     from melt_convert.data import TINY_TOKENIZER
-    from melt_convert.train_tiny_ouro import ARCHITECTURE, write_ouro_checkpoint
+    from melt_convert.train_tiny_ouro import ARCHITECTURE, pretraining_optimizer, write_ouro_checkpoint
 
     torch.manual_seed(seed)  # the same initial weights for both models of a seed
     config = MeltConfig(
@@ -211,14 +210,8 @@ def pretrain(rows: torch.Tensor, num_loops: int, recipe: Recipe, seed: int, toke
         **{**ARCHITECTURE, "num_loops": num_loops, "max_position_embeddings": max(128, recipe.seq_len)},
     )
     model = MeltForCausalLM(config).train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=recipe.pretrain_lr, betas=(0.9, 0.95))
     steps = recipe.pretrain_steps
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    optimizer, schedule = pretraining_optimizer(model, recipe.pretrain_lr, steps)  # the asset teacher's recipe
     order = torch.Generator().manual_seed(seed)  # the same data order for both models of a seed
     (equals,) = tokenizer("=", add_special_tokens=False)["input_ids"]  # a depth problem's answer follows its "="
     started = time.time()
@@ -487,12 +480,17 @@ def run(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
-def seed_job(recipe: Recipe, seed: int, run_dir: Path, threads: int) -> dict:
-    """`run_seed` in a worker process: its own thread count, tokenizer and quiet transformers logging."""
+def quiet_transformers() -> None:
+    """Silence the per-model loading chatter (warnings, progress bars) of transformers in this process."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def seed_job(recipe: Recipe, seed: int, run_dir: Path, threads: int) -> dict:
+    """`run_seed` in a worker process: its own thread count, tokenizer and quiet transformers logging."""
+    quiet_transformers()
     torch.set_num_threads(threads)
     return run_seed(recipe, seed, run_dir, _tokenizer())
 
@@ -549,10 +547,7 @@ def _run(args: argparse.Namespace, recipe: Recipe) -> dict:
 
 def main(argv=None) -> None:
     """Command-line entry: `run`, with the per-model loading chatter of transformers silenced."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_transformers()
     run(argv)
 
 

@@ -115,6 +115,24 @@ def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def pretraining_optimizer(model: torch.nn.Module, lr: float, steps: int):
+    """AdamW (weight decay 0.1 on matrices only, betas 0.9 / 0.95) and its schedule for `steps` steps: linear
+    warm-up over the first 5%, then cosine from `lr` down to `lr / 10`. Returns `(optimizer, scheduler)`."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -129,16 +147,7 @@ def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
     )
     model = MeltForCausalLM(config).train()
     params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
-    )
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
-    )
+    optimizer, schedule = pretraining_optimizer(model, lr, steps)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(rows.shape[0], generator=generator)
     cursor, start = 0, time.time()

@@ -78,7 +78,7 @@ def measure_kv(net, context: int, num_loops: int, device: torch.device) -> dict 
     try:
         with torch.no_grad():
             out = net(ids, use_cache=True, num_loops=num_loops, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache
         result = {"nbytes": cache.nbytes(), "capacity_nbytes": cache.capacity_nbytes(), "tokens": cache.get_seq_length()}
     except torch.OutOfMemoryError:
         result = None
@@ -195,7 +195,7 @@ def generation_peak(net, model: str, preset: str, prompt: int, new_tokens: int, 
         with torch.no_grad(), PeakMemory(device) as peak:
             out = net.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                eos_token_id=None, pad_token_id=0, use_cache=True, return_dict_in_generate=True)
-        cache = out.past_key_values
+        cache = out.cache
         row.update({
             "cache_nbytes": cache.nbytes(),
             "cache_capacity_nbytes": cache.capacity_nbytes(),

@@ -299,7 +299,7 @@ def heldout_loss(model, rows: torch.Tensor, batch_size: int = 8) -> float:
 @torch.no_grad()
 def kv_bytes_per_token(model, row: torch.Tensor) -> float:
     """Bytes of the real cache after a forward of one row `[L]`, divided by its L tokens."""
-    cache = model(row[None], use_cache=True, logits_to_keep=1).past_key_values
+    cache = model(row[None], use_cache=True, logits_to_keep=1).cache
     return cache.nbytes() / row.numel()
 
 

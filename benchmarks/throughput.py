@@ -96,7 +96,7 @@ def decode_rate(net, batch: int, context: int, steps: int, device: torch.device,
     def run():
         nonlocal token
         for _ in range(steps):
-            out = net(token, past_key_values=cache, use_cache=True)
+            out = net(token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
 
     with torch.no_grad():
@@ -182,7 +182,7 @@ def run(args, device: torch.device) -> dict:
             ids = torch.randint(1, net.config.vocab_size, (1, 64), device=device)
             with torch.no_grad():
                 for t in (1, 2, 4, 8, 16):
-                    kv_loops.append({"num_loops": t, "nbytes": net(ids, num_loops=t, logits_to_keep=1).past_key_values.nbytes()})
+                    kv_loops.append({"num_loops": t, "nbytes": net(ids, num_loops=t, logits_to_keep=1).cache.nbytes()})
         else:
             row = _guard(prefill_rate, net, opts["prefill_tokens"], device, warmup, repeats)
             prefill.append({"model": model, "mode": "parallel", "chunk_size": None, "tokens": opts["prefill_tokens"], **row})

@@ -295,7 +295,9 @@ def run(argv=None) -> dict | None:
         teacher, student = _load_models(a, runtime)
         tokenizer_source = a.tokenizer or ouro_dir
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+            # `config=`: the tokenizer class comes from tokenizer_config.json; without it transformers would parse the
+            # Ouro config.json (a model type it does not know) only to warn about it.
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=student.config)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load a tokenizer from {tokenizer_source} ({err}); pass --tokenizer") from err
         train_rows, eval_rows = _load_data(a, tokenizer, teacher.config.vocab_size)

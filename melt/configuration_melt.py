@@ -8,7 +8,18 @@ config so that an Ouro checkpoint maps onto this one field by field (see `MeltFo
 
 from __future__ import annotations
 
+import transformers
+from packaging.version import Version
 from transformers import PreTrainedConfig
+
+# The modeling code speaks transformers' `cache` API (5.24 renamed `past_key_values` to `cache` in forward
+# signatures, outputs and generate). Checked here because this file is imported first, also by remote-code loads.
+MIN_TRANSFORMERS = "5.24"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"MELT needs transformers >= {MIN_TRANSFORMERS} (found {transformers.__version__}): "
+        f"pip install -U 'transformers>={MIN_TRANSFORMERS}'"
+    )
 
 CACHE_MODES = ("shared", "per_loop")
 GATE_TYPES = ("elementwise", "scalar", "mean", "ema", "last")
@@ -17,7 +28,7 @@ ATTENTION_BACKENDS = ("auto", "triton", "flash", "sdpa", "eager")
 
 class MeltConfig(PreTrainedConfig):
     model_type = "melt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, num_loops=loops,
                                      pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
                 rows.append(out)
-            melt_bytes, loop_bytes = (o.past_key_values.nbytes() for o in rows)
+            melt_bytes, loop_bytes = (o.cache.nbytes() for o in rows)
             sample = rows[0].sequences[0, args.prompt_tokens : args.prompt_tokens + 6].tolist()
             print(f"{loops:>5} | {melt_bytes / 1024:>13.1f} | {loop_bytes / 1024:>15.1f} | "
                   f"{loop_bytes / melt_bytes:>5.1f} | {sample}")

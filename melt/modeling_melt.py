@@ -30,6 +30,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .attention import chunk_attention, gated_update, resolve_backend
 from .cache_melt import MeltCache
@@ -228,7 +230,7 @@ class MeltModelOutput(ModelOutput):
     """Output of `MeltModel`.
 
     last_hidden_state: `[B, L, hidden]` final-normed hidden state of the loop selected per token.
-    past_key_values: the `MeltCache` (when `use_cache`).
+    cache: the `MeltCache` (when `use_cache`).
     exit_probs: `[B, L, T]` probability of exiting at each loop.
     loop_hidden_states: T tensors `[B, L, hidden]`, one per loop (with `return_loop_outputs`).
     attention_outputs: T tuples of N tensors `[B, L, H*D]`, attention output of (loop, layer) before o_proj
@@ -236,7 +238,7 @@ class MeltModelOutput(ModelOutput):
     """
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: MeltCache | None = None
+    cache: MeltCache | None = None
     exit_probs: torch.Tensor | None = None
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
@@ -300,12 +302,14 @@ class MeltModel(MeltPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MeltCache | None = None,
+        cache: MeltCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         num_loops: int | None = None,
@@ -315,6 +319,7 @@ class MeltModel(MeltPreTrainedModel):
         early_exit_threshold: float | None = None,
         **kwargs,
     ) -> MeltModelOutput:
+        _refuse_unknown_kwargs(kwargs, "MeltModel.forward")
         config = self.config
         num_loops = config.num_loops if num_loops is None else num_loops
         validate_num_loops(num_loops, "num_loops")
@@ -334,7 +339,6 @@ class MeltModel(MeltPreTrainedModel):
         blend = self._check_blend(kv_blend_alpha)
         if use_cache is None:
             use_cache = config.use_cache
-        cache = past_key_values
         if cache is None:
             # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
             cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
@@ -390,7 +394,7 @@ class MeltModel(MeltPreTrainedModel):
             )
         return MeltModelOutput(
             last_hidden_state=selected,
-            past_key_values=cache if use_cache else None,
+            cache=cache if use_cache else None,
             exit_probs=exit_probs,
             loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
             attention_outputs=attention_outputs,
@@ -532,11 +536,11 @@ class MeltModel(MeltPreTrainedModel):
 
     def _check_cache(self, cache, num_loops, blend) -> None:
         if not isinstance(cache, MeltCache):
-            raise TypeError(f"past_key_values must be a MeltCache (or None), got {type(cache).__name__}")
+            raise TypeError(f"cache must be a MeltCache (or None), got {type(cache).__name__}")
         if cache.cache_mode != self.config.cache_mode:
-            raise ValueError(f"past_key_values is a {cache.cache_mode} cache but the model runs {self.config.cache_mode}")
+            raise ValueError(f"cache is a {cache.cache_mode} cache but the model runs {self.config.cache_mode}")
         if len(cache.layers) != len(self.layers):
-            raise ValueError(f"past_key_values has {len(cache.layers)} layers, the model {len(self.layers)}")
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.layers)}")
         if cache.has_loop_rows and cache.num_loops != num_loops:
             raise ValueError(
                 f"this cache keeps per-loop rows for {cache.num_loops} loops but the call runs {num_loops}; "
@@ -549,6 +553,25 @@ class MeltModel(MeltPreTrainedModel):
                 f"this cache holds loop rows blended with kv_blend_alpha={cache.blend_alpha} but the call uses "
                 f"{blend}; every call on one cache needs the same kv_blend_alpha (start a new cache to change it)"
             )
+
+
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _refuse_unknown_kwargs(kwargs: dict, where: str) -> None:
+    """Raise on keywords the forward does not implement, instead of swallowing them.
+
+    `output_attentions` / `output_hidden_states` are accepted only when falsy: MELT's per-loop outputs come from
+    `return_loop_outputs=True` (attention weights are never materialised by the fused backends).
+    """
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(name, None):
+            raise ValueError(
+                f"{where} does not return {name.removeprefix('output_')}; use return_loop_outputs=True for every "
+                "loop's hidden states and attention outputs"
+            )
+    if kwargs:
+        raise TypeError(f"{where} got unexpected keyword argument(s) {sorted(kwargs)}")
 
 
 def _mask_upto(key_mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:
@@ -593,12 +616,14 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: MeltCache | None = None,
+        cache: MeltCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -617,13 +642,18 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         return_loop_outputs: also return every loop's logits (`loop_logits`) and every (loop, layer)
             attention output (`attention_outputs`), for distillation; costs nothing when False.
         exit_at_step / early_exit_threshold: override the config's logit selection for this call.
-        `labels` give the usual shifted cross-entropy on the returned (selected) logits.
+        `labels` give the usual shifted cross-entropy on the returned (selected) logits; the loss keywords of
+        transformers' `ForCausalLMLoss` (`num_items_in_batch`, `ignore_index`, `shift_labels`) pass through.
+        `past_key_values=` is the pre-5.24 name of `cache=` (deprecated, as in transformers). Any other keyword
+        raises: a misspelt argument is never dropped silently.
         """
+        loss_kwargs = {name: kwargs.pop(name) for name in _LOSS_KWARGS if name in kwargs}
+        _refuse_unknown_kwargs(kwargs, "MeltForCausalLM.forward")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             num_loops=num_loops,
@@ -636,14 +666,14 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         logits = self.lm_head(outputs.last_hidden_state[:, keep])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         loop_logits = None
         if return_loop_outputs:
             loop_logits = tuple(self.lm_head(h[:, keep]) for h in outputs.loop_hidden_states)
         return MeltCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             exit_probs=outputs.exit_probs,
             loop_logits=loop_logits,
             loop_hidden_states=outputs.loop_hidden_states,

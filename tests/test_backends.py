@@ -57,8 +57,8 @@ def test_triton_backend_cached_decode_matches_eager():
     results = {}
     for backend in ("eager", "triton"):
         with override_backend(backend), torch.no_grad():
-            cache = model(ids[:, :4]).past_key_values
-            results[backend] = model(ids[:, 4:], past_key_values=cache).logits
+            cache = model(ids[:, :4]).cache
+            results[backend] = model(ids[:, 4:], cache=cache).logits
     assert (results["eager"] - results["triton"]).abs().max() < 1e-4
 
 

@@ -60,8 +60,8 @@ def test_per_loop_decode_with_cache_matches_full_forward():
     cache = None
     steps = []
     for i in range(9):
-        out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        cache = out.cache
         steps.append(out.logits)
     assert max_diff(torch.cat(steps, 1), full) < ATOL
 
@@ -75,8 +75,8 @@ def test_shared_chunk_size_one_equals_token_by_token_decode():
     full = model(ids, use_cache=False).logits
     cache, steps = None, []
     for i in range(10):
-        out = model(ids[:, i : i + 1], past_key_values=cache)
-        cache = out.past_key_values
+        out = model(ids[:, i : i + 1], cache=cache)
+        cache = out.cache
         steps.append(out.logits)
     assert max_diff(torch.cat(steps, 1), full) < ATOL
 
@@ -88,8 +88,8 @@ def test_chunked_forward_equals_cached_calls_split_at_chunk_multiples(chunk, spl
     full = model(ids, use_cache=False).logits
     cache, pieces, edges = None, [], [0, *splits, 14]
     for lo, hi in zip(edges[:-1], edges[1:]):
-        out = model(ids[:, lo:hi], past_key_values=cache)
-        cache = out.past_key_values
+        out = model(ids[:, lo:hi], cache=cache)
+        cache = out.cache
         pieces.append(out.logits)
     assert max_diff(torch.cat(pieces, 1), full) < ATOL
 
@@ -124,12 +124,12 @@ def test_blend_through_a_cache_equals_one_call_and_keeps_its_alpha():
     ids = torch.randint(0, 61, (2, 12))
     whole = model(ids, kv_blend_alpha=0.3).logits
     cache = model.new_cache(keep_loop_rows=True)
-    parts = [model(ids[:, :8], kv_blend_alpha=0.3, past_key_values=cache).logits,
-             model(ids[:, 8:], kv_blend_alpha=0.3, past_key_values=cache).logits]
+    parts = [model(ids[:, :8], kv_blend_alpha=0.3, cache=cache).logits,
+             model(ids[:, 8:], kv_blend_alpha=0.3, cache=cache).logits]
     assert max_diff(torch.cat(parts, dim=1), whole) < ATOL
     for alpha in (0.5, None):  # the loop slots hold rows blended with 0.3 (None: MELT alone writes no loop rows)
         with pytest.raises(ValueError, match="same kv_blend_alpha"):
-            model(ids[:, :1], kv_blend_alpha=alpha, past_key_values=cache)
+            model(ids[:, :1], kv_blend_alpha=alpha, cache=cache)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 32])
@@ -157,8 +157,8 @@ def test_cache_bytes_shared_constant_per_loop_linear(num_loops):
     cfg = tiny_config(num_loops=num_loops)
     length, per_token = 9, cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
     ids = torch.randint(0, 61, (1, length))
-    shared = tiny_model(num_loops=num_loops)(ids).past_key_values
-    per_loop = tiny_model(num_loops=num_loops, cache_mode="per_loop")(ids).past_key_values
+    shared = tiny_model(num_loops=num_loops)(ids).cache
+    per_loop = tiny_model(num_loops=num_loops, cache_mode="per_loop")(ids).cache
     assert shared.nbytes() == length * per_token
     assert per_loop.nbytes() == num_loops * length * per_token
     assert shared.get_seq_length() == per_loop.get_seq_length() == length
@@ -166,9 +166,9 @@ def test_cache_bytes_shared_constant_per_loop_linear(num_loops):
 
 def test_cache_grows_geometrically_and_tracks_tokens_apart_from_capacity():
     model = tiny_model(chunk_size=1)
-    cache = model(torch.randint(0, 61, (1, 5))).past_key_values
+    cache = model(torch.randint(0, 61, (1, 5))).cache
     assert cache.layers[0].capacity == 5 and cache.get_seq_length() == 5
-    model(torch.randint(0, 61, (1, 1)), past_key_values=cache)
+    model(torch.randint(0, 61, (1, 1)), cache=cache)
     assert cache.layers[0].capacity == 10 and cache.get_seq_length() == 6
     assert cache.capacity_nbytes() == cache.nbytes() * 10 // 6
 
@@ -176,7 +176,7 @@ def test_cache_grows_geometrically_and_tracks_tokens_apart_from_capacity():
 def test_num_loops_override_per_call_keeps_shared_memory():
     model = tiny_model()
     ids = torch.randint(0, 61, (1, 7))
-    sizes = {t: model(ids, num_loops=t).past_key_values.nbytes() for t in (1, 2, 5)}
+    sizes = {t: model(ids, num_loops=t).cache.nbytes() for t in (1, 2, 5)}
     assert len(set(sizes.values())) == 1
     assert max_diff(model(ids, num_loops=5).logits, model(ids).logits) > 1e-4
     loaded = MeltForCausalLM(MeltConfig(**{**model.config.to_dict(), "num_loops": 5})).eval()
@@ -187,27 +187,27 @@ def test_num_loops_override_per_call_keeps_shared_memory():
 def test_cache_crop_reset_and_batch_select():
     model = tiny_model(chunk_size=1)
     ids = torch.randint(0, 61, (3, 8))
-    cache = model(ids[:, :6]).past_key_values
+    cache = model(ids[:, :6]).cache
     cache.crop(-2)
     assert cache.get_seq_length() == 4
-    cropped = model(ids[:, 4:8], past_key_values=cache).logits
-    fresh = model(ids[:, 4:8], past_key_values=model(ids[:, :4]).past_key_values).logits
+    cropped = model(ids[:, 4:8], cache=cache).logits
+    fresh = model(ids[:, 4:8], cache=model(ids[:, :4]).cache).logits
     assert max_diff(cropped, fresh) < ATOL
     cache.batch_select_indices(torch.tensor([2, 0]))
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
-    again = model(ids[[2, 0], :3], past_key_values=cache).logits
+    again = model(ids[[2, 0], :3], cache=cache).logits
     assert max_diff(again, model(ids[[2, 0], :3]).logits) < ATOL
 
 
 def test_reorder_cache_permutes_sequences():
     model = tiny_model(chunk_size=2)
     ids = torch.randint(0, 61, (3, 6))
-    cache = model(ids).past_key_values
+    cache = model(ids).cache
     cache.reorder_cache(torch.tensor([2, 2, 0]))
     nxt = torch.randint(0, 61, (3, 1))
-    reordered = model(nxt, past_key_values=cache).logits
-    direct = model(nxt, past_key_values=model(ids[[2, 2, 0]]).past_key_values).logits
+    reordered = model(nxt, cache=cache).logits
+    direct = model(nxt, cache=model(ids[[2, 2, 0]]).cache).logits
     assert max_diff(reordered, direct) < ATOL
 
 
@@ -230,10 +230,10 @@ def test_left_padded_batch_forward_matches_each_sequence(cache_mode):
     # continuing the padded cache equals continuing each sequence alone
     nxt = torch.randint(1, 61, (3, 4))
     cont = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1),
-                 past_key_values=out.past_key_values).logits
+                 cache=out.cache).logits
     for b, s in enumerate(seqs):
-        single_cache = model(s[None]).past_key_values
-        assert max_diff(cont[b], model(nxt[b : b + 1], past_key_values=single_cache).logits[0]) < ATOL
+        single_cache = model(s[None]).cache
+        assert max_diff(cont[b], model(nxt[b : b + 1], cache=single_cache).logits[0]) < ATOL
 
 
 # 5. generation ------------------------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_sampling_is_seeded_reproducible_and_num_loops_passes_through_generate()
     out = model(ids, num_loops=8)
     manual = torch.cat([ids, out.logits[:, -1:].argmax(-1)], 1)
     for _ in range(5):
-        out = model(manual[:, -1:], num_loops=8, past_key_values=out.past_key_values)
+        out = model(manual[:, -1:], num_loops=8, cache=out.cache)
         manual = torch.cat([manual, out.logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(deep, manual)
     assert not torch.equal(deep, model.generate(ids, **greedy))
@@ -363,7 +363,7 @@ def test_training_keeps_one_copy_of_the_cache_rows(blend):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = model(ids, use_cache=True, kv_blend_alpha=blend)
-    cache = out.past_key_values
+    cache = out.cache
     buffers = [buffer for layer in cache.layers for buffer in layer.keys + layer.values]
     buffer_storages = {buffer.untyped_storage().data_ptr() for buffer in buffers}
     # Saved tensors that are (views of) a full-length row buffer `[B, kv_heads, capacity, head_dim]`.
@@ -385,8 +385,8 @@ def test_crop_and_rewrite_do_not_change_a_pending_backward():
         x = embeds.detach().clone().requires_grad_()
         out = model(inputs_embeds=x, use_cache=True)
         if rewrite:  # crop and write other rows at the cropped columns before the first graph's backward
-            out.past_key_values.crop(4)
-            model(inputs_embeds=torch.randn(1, 8, embeds.shape[-1]), past_key_values=out.past_key_values)
+            out.cache.crop(4)
+            model(inputs_embeds=torch.randn(1, 8, embeds.shape[-1]), cache=out.cache)
         out.logits[:, -1].sum().backward()
         return x.grad
 
@@ -400,10 +400,10 @@ def test_gradients_follow_a_reordered_cache():
 
     def gradient(reorder: bool) -> torch.Tensor:
         x = model.get_input_embeddings()(first).detach().requires_grad_()
-        cache = model(inputs_embeds=x, use_cache=True).past_key_values
+        cache = model(inputs_embeds=x, use_cache=True).cache
         order = torch.tensor([1, 0] if reorder else [0, 1])
         cache.reorder_cache(order)
-        logits = model(second[order], past_key_values=cache).logits
+        logits = model(second[order], cache=cache).logits
         (logits[:, -1:] * weights[order]).sum().backward()
         return x.grad
 
@@ -472,10 +472,10 @@ def test_bad_inputs_raise_clear_errors():
     per_loop = tiny_model(cache_mode="per_loop")
     with pytest.raises(ValueError, match="shared"):
         per_loop(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5)
-    cache = per_loop(torch.zeros(1, 4, dtype=torch.long)).past_key_values
+    cache = per_loop(torch.zeros(1, 4, dtype=torch.long)).cache
     with pytest.raises(ValueError, match="same num_loops"):
-        per_loop(torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, num_loops=5)
+        per_loop(torch.zeros(1, 1, dtype=torch.long), cache=cache, num_loops=5)
     with pytest.raises(TypeError, match="MeltCache"):
-        model(torch.zeros(1, 4, dtype=torch.long), past_key_values=object())
+        model(torch.zeros(1, 4, dtype=torch.long), cache=object())
     with pytest.raises(ValueError, match="keep_loop_rows"):
-        model(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5, past_key_values=MeltCache(model.config))
+        model(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5, cache=MeltCache(model.config))

@@ -9,10 +9,24 @@ Each physical layer keeps a few *row slots*, each a buffer `[B, kv_heads, capaci
   holds the blended row `alpha * shared + (1 - alpha) * loop_t`, written once per token like the shared
   row, which is all that loop t's queries read.
 
-Buffers are preallocated and grow geometrically (x2), so the token count (`get_seq_length`) is kept
-apart from the capacity. Every column of a slot is written once per forward, and a prefix read only
-covers written columns, so rows are always written in place, also when they carry autograd history
-(training through the cache):
+The cache owns its policy: which slot loop t reads (`prefix_rows`), when a row is final (`commit_loop_rows`,
+`commit_round`), the phase-1 blend (`begin_call`), and the token count (`end_call`). The model asks for prefix
+rows and hands over rows to commit; nothing outside this file touches slots, buffers or lengths.
+
+Two ways to hold rows:
+- Preallocated (`MeltCache(..., max_cache_len=N)`, `model.new_cache(max_cache_len=N)`, and what `generate`
+  builds from the prompt length and `max_new_tokens`): exactly N columns, allocated on the first write, never
+  grown or copied. The column count is also kept as a device tensor, so a one-token decode step
+  (`static_prefix_rows` / `static_write` / `static_advance`) has fixed shapes and no host sync: it reads the
+  whole buffer with a visibility mask and writes by `index_copy_`, which `torch.compile(fullgraph=True)` and
+  CUDA graphs capture (`is_compileable`).
+- Dynamic (no `max_cache_len`): allocated at the first call's length, then grown in steps of `GROW_COLUMNS`
+  columns. Growing copies the buffer once (old and new exist together for that moment); at decode that is one
+  copy per 256 tokens, against T full reads of the cache per token by attention. Preallocate to avoid it.
+`nbytes()` counts the rows held; `capacity_nbytes()` what is allocated.
+
+Every column of a slot is written once per forward, and a prefix read only covers written columns, so rows
+are always written in place, also when they carry autograd history (training through the cache):
 
 - Values go into the buffer, which never requires grad, through an alias with its own version counter
   (`buffer.data`), so the prefix views that earlier attention calls saved for backward stay valid.
@@ -97,8 +111,14 @@ class _RoutedRows(torch.autograd.Function):
         return None, None, None, *grads
 
 
+GROW_COLUMNS = 256  # dynamic caches grow by whole steps of this many columns
+
+
 class MeltCacheLayer:
-    """Row slots of one physical layer. `keys[s]` / `values[s]`: `[B, kv_heads, capacity, head_dim]`."""
+    """Row slots of one physical layer. `keys[s]` / `values[s]`: `[B, kv_heads, capacity, head_dim]`.
+
+    A container: which slot holds what, and how many columns are written, is `MeltCache`'s business.
+    """
 
     is_compileable = False
     is_croppable = True
@@ -108,7 +128,6 @@ class MeltCacheLayer:
         self.num_slots = num_slots
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
-        self.length = 0  # columns (tokens, padding included) whose rows are stored
         self.written: list[list[_Written]] = [[] for _ in range(num_slots)]  # rows with autograd history
 
     @property
@@ -123,22 +142,16 @@ class MeltCacheLayer:
     def batch_size(self) -> int:
         return -1 if self.keys is None else self.keys[0].shape[0]
 
-    def get_seq_length(self) -> int:
-        return self.length
+    def allocate(self, columns: int, like: torch.Tensor) -> None:
+        """Buffers of `columns` columns; `like` ([B, kv_heads, *, head_dim]) gives batch, dtype, device."""
+        # Zeros, not empty: masked rows are multiplied by zero attention weights, and 0 * NaN is NaN.
+        shape = (like.shape[0], like.shape[1], columns, like.shape[3])
+        self.keys = [like.new_zeros(shape) for _ in range(self.num_slots)]
+        self.values = [like.new_zeros(shape) for _ in range(self.num_slots)]
 
-    def reserve(self, columns: int, like: torch.Tensor) -> None:
-        """Make room for `columns` columns; `like` ([B, kv_heads, *, head_dim]) gives batch, dtype, device."""
-        if self.keys is None:
-            # Zeros, not empty: masked rows are multiplied by zero attention weights, and 0 * NaN is NaN.
-            shape = (like.shape[0], like.shape[1], max(columns, 1), like.shape[3])
-            self.keys = [like.new_zeros(shape) for _ in range(self.num_slots)]
-            self.values = [like.new_zeros(shape) for _ in range(self.num_slots)]
-            return
-        if columns <= self.capacity:
-            return
-        new_capacity = max(columns, 2 * self.capacity)
-        self.keys = [_grow(buffer, new_capacity) for buffer in self.keys]
-        self.values = [_grow(buffer, new_capacity) for buffer in self.values]
+    def grow(self, columns: int) -> None:
+        self.keys = [_grow(buffer, columns) for buffer in self.keys]
+        self.values = [_grow(buffer, columns) for buffer in self.values]
 
     def rows(self, slot: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views `[B, kv_heads, columns, head_dim]` of the first `columns` rows of `slot`: read in place.
@@ -172,24 +185,13 @@ class MeltCacheLayer:
         if tracked:
             self.written[slot].append(_Written(key, value, start, index))
 
-    def nbytes(self) -> int:
+    def row_bytes(self) -> int:
+        """Bytes of one column, all slots, keys and values."""
         if self.keys is None:
             return 0
-        row_bytes = sum(b[:, :, :1].numel() * b.element_size() for b in self.keys + self.values)
-        return self.length * row_bytes
+        return sum(b[:, :, :1].numel() * b.element_size() for b in self.keys + self.values)
 
-    def reset(self) -> None:
-        self.length = 0
-        self._forget_history()
-
-    def crop(self, max_length: int) -> None:
-        # Hugging Face convention: a negative value removes that many tokens from the end.
-        if max_length < 0:
-            max_length = self.length + max_length
-        self.length = max(0, min(self.length, max_length))
-        self._forget_history()
-
-    def _forget_history(self) -> None:
+    def forget_history(self, columns: int) -> None:
         """After `crop` / `reset`: keep the history of the columns that remain, on new buffer storage.
 
         The dropped columns will be written again, while a graph that read them may still be waiting for its
@@ -199,7 +201,125 @@ class MeltCacheLayer:
             return
         self.keys = [buffer.clone() for buffer in self.keys]
         self.values = [buffer.clone() for buffer in self.values]
-        self.written = [[kept for w in slot if (kept := _truncated(w, self.length)) is not None] for slot in self.written]
+        self.written = [[kept for w in slot if (kept := _truncated(w, columns)) is not None] for slot in self.written]
+
+    def map_batch(self, fn, columns: int) -> None:
+        if self.keys is None:
+            return
+        history = [bool(slot) and torch.is_grad_enabled() for slot in self.written]
+        keys, values, written = [], [], []
+        for slot in range(self.num_slots):
+            # With history, map the routed read: the mapped rows stay differentiable functions of the writers.
+            key, value = self.rows(slot, self.capacity) if history[slot] else (self.keys[slot], self.values[slot])
+            key, value = fn(key), fn(value)
+            keys.append(key.detach())
+            values.append(value.detach())
+            written.append([_Written(key[:, :, :columns], value[:, :, :columns], 0, None)] if history[slot] else [])
+        self.keys, self.values, self.written = keys, values, written
+
+
+def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+    extra = buffer.new_zeros(buffer.shape[0], buffer.shape[1], capacity - buffer.shape[2], buffer.shape[3])
+    return torch.cat([buffer, extra], dim=2)
+
+
+class MeltCache(Cache):
+    """Cache of a `MeltForCausalLM`: created by the model's forward when `use_cache=True` and none is given, by
+    `generate`, or by `model.new_cache(...)`.
+
+    Args:
+        config: the model's config (layers, loops, cache mode).
+        num_loops: loops the cache serves; only `per_loop` (and the phase-1 blend) keep rows per loop, so
+            only there must every call use this same number. Defaults to `config.num_loops`.
+        cache_mode: "shared" or "per_loop"; defaults to `config.cache_mode`.
+        keep_loop_rows: in shared mode, also keep per-loop rows (needed by the phase-1 blend, alpha < 1).
+        max_cache_len: preallocate exactly this many columns (tokens, left padding included) and never grow;
+            None grows as needed (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        config: MeltConfig,
+        num_loops: int | None = None,
+        cache_mode: str | None = None,
+        keep_loop_rows: bool = False,
+        max_cache_len: int | None = None,
+    ):
+        self.num_loops = config.num_loops if num_loops is None else num_loops
+        validate_num_loops(self.num_loops, "MeltCache num_loops")
+        self.cache_mode = config.cache_mode if cache_mode is None else cache_mode
+        if self.cache_mode not in ("shared", "per_loop"):
+            raise ValueError(f"MeltCache cache_mode must be 'shared' or 'per_loop', got {self.cache_mode!r}")
+        if keep_loop_rows and self.cache_mode != "shared":
+            raise ValueError("MeltCache keep_loop_rows only applies to cache_mode='shared' (per_loop keeps them anyway)")
+        if max_cache_len is not None:
+            if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+                raise ValueError(f"max_cache_len must be a positive int (tokens to preallocate), got {max_cache_len!r}")
+            if max_cache_len > config.max_position_embeddings:
+                raise ValueError(
+                    f"max_cache_len={max_cache_len} exceeds max_position_embeddings={config.max_position_embeddings}; "
+                    "the model cannot attend over more positions"
+                )
+        self.max_cache_len = max_cache_len
+        self.keep_loop_rows = keep_loop_rows
+        self.blend_alpha: float | None = None  # kv_blend_alpha of the rows in the loop slots (shared mode)
+        # Slot layout: loop rows first (0 .. T-1) where kept, then the shared row.
+        self.has_loop_rows = self.cache_mode == "per_loop" or keep_loop_rows
+        self.has_shared_rows = self.cache_mode == "shared"
+        num_slots = self.num_loops * self.has_loop_rows + self.has_shared_rows
+        self._shared_slot = num_slots - 1 if self.has_shared_rows else None
+        self._length = 0  # columns written (host), the source of truth for dynamic caches
+        self._fill: torch.Tensor | None = None  # the same as a device tensor `[1]` (preallocated caches)
+        self._auto_compile = True
+        super().__init__(layers=[MeltCacheLayer(num_slots) for _ in range(config.num_hidden_layers)])
+
+    # -- what transformers asks ------------------------------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns written (tokens seen, padding included). A preallocated cache reads its device counter."""
+        return int(self._fill.item()) if self._fill is not None else self._length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(layer.is_initialized for layer in self.layers)
+
+    @property
+    def is_preallocated(self) -> bool:
+        return self.max_cache_len is not None
+
+    @property
+    def is_compileable(self) -> bool:
+        """True for a preallocated cache: its decode step has fixed shapes and no host sync (transformers'
+        generate then compiles the decode forward on CUDA)."""
+        return self.is_preallocated and self._auto_compile
+
+    def nbytes(self) -> int:
+        """Bytes of the key/value rows held for the tokens seen (padding columns included), all layers."""
+        return self.get_seq_length() * sum(layer.row_bytes() for layer in self.layers)
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated for key/value rows, spare capacity included."""
+        return sum(layer.capacity * layer.row_bytes() for layer in self.layers)
+
+    def reset(self) -> None:
+        self._set_length(0)
+        for layer in self.layers:
+            layer.forget_history(0)
+
+    def crop(self, max_length: int) -> None:
+        # Hugging Face convention: a negative value removes that many tokens from the end.
+        length = self.get_seq_length()
+        if max_length < 0:
+            max_length = length + max_length
+        self._set_length(max(0, min(length, max_length)))
+        for layer in self.layers:
+            layer.forget_history(self.get_seq_length())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
@@ -211,87 +331,122 @@ class MeltCacheLayer:
         self._map_batch(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
 
     def _map_batch(self, fn) -> None:
-        if self.keys is None:
+        length = self.get_seq_length()
+        for layer in self.layers:
+            layer.map_batch(fn, length)
+        self._mark_static()
+
+    # -- what the model asks: one forward call ---------------------------------------------------------------
+
+    def begin_call(self, num_loops: int, blend: float | None) -> None:
+        """Check that a call with `num_loops` loops and phase-1 blend `blend` can use this cache, and record the
+        blend its loop slots will hold."""
+        if self.has_loop_rows and self.num_loops != num_loops:
+            raise ValueError(
+                f"this cache keeps per-loop rows for {self.num_loops} loops but the call runs {num_loops}; "
+                "per-loop caches need the same num_loops in every call"
+            )
+        if blend is not None and not self.has_loop_rows:
+            raise ValueError("kv_blend_alpha < 1 needs a MeltCache created with keep_loop_rows=True")
+        if self.has_loop_rows and self.has_shared_rows and self.get_seq_length() and self.blend_alpha != blend:
+            raise ValueError(
+                f"this cache holds loop rows blended with kv_blend_alpha={self.blend_alpha} but the call uses "
+                f"{blend}; every call on one cache needs the same kv_blend_alpha (start a new cache to change it)"
+            )
+        self.blend_alpha = blend
+
+    def reserve(self, columns: int, like: torch.Tensor) -> None:
+        """Make room for `columns` columns; `like` (`[B, kv_heads, *, head_dim]`) gives batch, dtype, device."""
+        layers = self.layers
+        if self.max_cache_len is not None:
+            if columns > self.max_cache_len:
+                raise ValueError(
+                    f"this cache was preallocated for {self.max_cache_len} tokens but the call needs {columns}; "
+                    "create it with a larger max_cache_len (generate sizes it from the prompt and max_new_tokens)"
+                )
+            if not layers[0].is_initialized:
+                for layer in layers:
+                    layer.allocate(self.max_cache_len, like)
+                self._fill = torch.full((1,), self._length, dtype=torch.long, device=like.device)
+                self._mark_static()
             return
-        history = [bool(slot) and torch.is_grad_enabled() for slot in self.written]
-        keys, values, written = [], [], []
-        for slot in range(self.num_slots):
-            # With history, map the routed read: the mapped rows stay differentiable functions of the writers.
-            key, value = self.rows(slot, self.capacity) if history[slot] else (self.keys[slot], self.values[slot])
-            key, value = fn(key), fn(value)
-            keys.append(key.detach())
-            values.append(value.detach())
-            columns = self.length
-            written.append([_Written(key[:, :, :columns], value[:, :, :columns], 0, None)] if history[slot] else [])
-        self.keys, self.values, self.written = keys, values, written
+        if not layers[0].is_initialized:
+            for layer in layers:
+                layer.allocate(max(columns, 1), like)
+        elif columns > layers[0].capacity:
+            grown = -(-columns // GROW_COLUMNS) * GROW_COLUMNS
+            for layer in layers:
+                layer.grow(grown)
 
+    def prefix_rows(self, layer_idx: int, loop: int, columns: int):
+        """The rows loop `loop` of layer `layer_idx` reads for the first `columns` columns (views, no copy), or
+        `(None, None)` when there are none. Per-loop caches, and shared ones under the blend, read the loop's
+        slot; MELT reads the shared slot."""
+        if columns == 0:
+            return None, None
+        return self.layers[layer_idx].rows(self._read_slot(loop), columns)
 
-def _grow(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-    extra = buffer.new_zeros(buffer.shape[0], buffer.shape[1], capacity - buffer.shape[2], buffer.shape[3])
-    return torch.cat([buffer, extra], dim=2)
+    def commit_loop_rows(self, layer_idx: int, loop: int, rows, at) -> None:
+        """Per-loop rows (`per_loop` mode without a blend) are final as soon as they exist."""
+        self.layers[layer_idx].write(self._loop_slot(loop), *rows, *at)
 
+    def commit_round(self, final_rows, blend_rows, at) -> None:
+        """The rows of a round (one chunk of each sequence) are final: store the shared rows (`final_rows[l]`)
+        and, under the phase-1 blend, loop slot t's blended row `lerp(blend_rows[t][l], final_rows[l], alpha)`
+        (written once, like the shared row)."""
+        if not self.has_shared_rows:
+            return
+        blend = self.blend_alpha
+        for idx, (key, value) in enumerate(final_rows):
+            layer = self.layers[idx]
+            layer.write(self._shared_slot, key, value, *at)
+            if blend is not None:
+                for loop, rows in enumerate(blend_rows):
+                    (k_loop, v_loop) = rows[idx]
+                    layer.write(self._loop_slot(loop), torch.lerp(k_loop, key, blend), torch.lerp(v_loop, value, blend), *at)
 
-class MeltCache(Cache):
-    """Cache of a `MeltForCausalLM`: created by the model's forward when `use_cache=True` and none is given.
+    def end_call(self, columns: int) -> None:
+        """The call wrote columns up to `columns`."""
+        self._set_length(columns)
 
-    Args:
-        config: the model's config (layers, loops, cache mode).
-        num_loops: loops the cache serves; only `per_loop` (and the phase-1 blend) keep rows per loop, so
-            only there must every call use this same number. Defaults to `config.num_loops`.
-        cache_mode: "shared" or "per_loop"; defaults to `config.cache_mode`.
-        keep_loop_rows: in shared mode, also keep per-loop rows (needed by the phase-1 blend, alpha < 1).
-    """
-
-    def __init__(
-        self,
-        config: MeltConfig,
-        num_loops: int | None = None,
-        cache_mode: str | None = None,
-        keep_loop_rows: bool = False,
-    ):
-        self.num_loops = config.num_loops if num_loops is None else num_loops
-        validate_num_loops(self.num_loops, "MeltCache num_loops")
-        self.cache_mode = config.cache_mode if cache_mode is None else cache_mode
-        if self.cache_mode not in ("shared", "per_loop"):
-            raise ValueError(f"MeltCache cache_mode must be 'shared' or 'per_loop', got {self.cache_mode!r}")
-        if keep_loop_rows and self.cache_mode != "shared":
-            raise ValueError("MeltCache keep_loop_rows only applies to cache_mode='shared' (per_loop keeps them anyway)")
-        self.keep_loop_rows = keep_loop_rows
-        self.blend_alpha: float | None = None  # kv_blend_alpha of the rows in the loop slots (shared mode)
-        # Slot layout: loop rows first (0 .. T-1) where kept, then the shared row.
-        self.has_loop_rows = self.cache_mode == "per_loop" or keep_loop_rows
-        self.has_shared_rows = self.cache_mode == "shared"
-        num_slots = self.num_loops * self.has_loop_rows + self.has_shared_rows
-        self.shared_slot = num_slots - 1 if self.has_shared_rows else None
-        super().__init__(layers=[MeltCacheLayer(num_slots) for _ in range(config.num_hidden_layers)])
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length(layer_idx) + query_length, 0
+    # -- the captured decode step (preallocated caches) ------------------------------------------------------
 
     @property
-    def is_initialized(self) -> bool:
-        return all(layer.is_initialized for layer in self.layers)
+    def fill(self) -> torch.Tensor:
+        """`[1]` device tensor: columns written. Only for an allocated, preallocated cache."""
+        return self._fill
 
-    @property
-    def is_compileable(self) -> bool:
-        return False
+    def static_prefix_rows(self, layer_idx: int, loop: int):
+        """The whole buffers `[B, kv_heads, max_cache_len, head_dim]` loop `loop` reads; columns at or past `fill`
+        are not rows yet and must be masked by the caller."""
+        layer, slot = self.layers[layer_idx], self._read_slot(loop)
+        return layer.keys[slot], layer.values[slot]
 
-    def nbytes(self) -> int:
-        """Bytes of the key/value rows held for the tokens seen (padding columns included), all layers."""
-        return sum(layer.nbytes() for layer in self.layers)
+    def static_write_loop_rows(self, layer_idx: int, loop: int, rows) -> None:
+        self._static_write(layer_idx, self._loop_slot(loop), rows)
 
-    def capacity_nbytes(self) -> int:
-        """Bytes allocated for key/value rows, spare capacity included."""
-        return sum(
-            sum(b.numel() * b.element_size() for b in layer.keys + layer.values)
-            for layer in self.layers
-            if layer.keys is not None
-        )
+    def static_write_final_rows(self, layer_idx: int, rows) -> None:
+        if self.has_shared_rows:
+            self._static_write(layer_idx, self._shared_slot, rows)
 
-    def loop_slot(self, loop: int) -> int:
+    def static_advance(self, columns: int) -> None:
+        self._fill.add_(columns)
+
+    def _static_write(self, layer_idx: int, slot: int, rows) -> None:
+        layer = self.layers[layer_idx]
+        # Inference only: a preallocated cache stores rows without autograd history (training uses dynamic caches).
+        with torch.no_grad():
+            for buffer, row in ((layer.keys[slot], rows[0]), (layer.values[slot], rows[1])):
+                buffer.index_copy_(2, self._fill, row.to(buffer.dtype))  # row: [B, kv_heads, 1, head_dim]
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _read_slot(self, loop: int) -> int:
+        if self.cache_mode == "per_loop" or self.blend_alpha is not None:  # blended rows live in the loop slots
+            return self._loop_slot(loop)
+        return self._shared_slot
+
+    def _loop_slot(self, loop: int) -> int:
         if not self.has_loop_rows:
             raise ValueError("this MeltCache keeps no per-loop rows")
         if loop >= self.num_loops:
@@ -301,8 +456,25 @@ class MeltCache(Cache):
             )
         return loop
 
+    def _set_length(self, columns: int) -> None:
+        self._length = columns
+        if self._fill is not None:
+            self._fill.fill_(columns)
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile the buffers keep their addresses across calls (CUDA graphs may then write them)."""
+        if self._fill is None:
+            return
+        mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+        if mark is None:
+            return
+        for layer in self.layers:
+            for buffer in layer.keys + layer.values:
+                mark(buffer)
+        mark(self._fill)
+
     def __repr__(self) -> str:
         return (
             f"MeltCache(mode={self.cache_mode}, loops={self.num_loops}, layers={len(self.layers)}, "
-            f"tokens={self.get_seq_length()}, bytes={self.nbytes()})"
+            f"tokens={self.get_seq_length()}, bytes={self.nbytes()}, allocated={self.capacity_nbytes()})"
         )

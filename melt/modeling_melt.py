@@ -339,14 +339,21 @@ class MeltModel(MeltPreTrainedModel):
         blend = self._check_blend(kv_blend_alpha)
         if use_cache is None:
             use_cache = config.use_cache
-        if cache is None:
+        internal_cache = cache is None
+        if internal_cache:
             # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
             cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
-        self._check_cache(cache, num_loops, blend)
-        cache.blend_alpha = blend
+        self._check_cache(cache, inputs_embeds.shape[0])
+        cache.begin_call(num_loops, blend)
+        keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
+        if cache.is_preallocated and length == 1 and blend is None:
+            return self._static_decode_step(
+                inputs_embeds, attention_mask, position_ids, cache, num_loops, exit_at_step, threshold, keep_loops,
+                return_loop_outputs, use_cache,
+            )
         past = cache.get_seq_length()
 
-        key_mask = self._full_key_mask(attention_mask, batch, past + length, inputs_embeds.device)
+        key_mask = self._full_key_mask(attention_mask, batch, past + length, inputs_embeds.device, cache)
         if position_ids is None:
             if key_mask is not None:
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -363,21 +370,33 @@ class MeltModel(MeltPreTrainedModel):
         backend = resolve_backend(config.attention_backend, inputs_embeds.device)
         rounds = self._plan_rounds(position_ids, real, key_mask, past, length, inputs_embeds.device)
 
-        keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
-        row_like = self._row_like(inputs_embeds, batch)
-        for layer_cache in cache.layers:
-            layer_cache.reserve(past + length, like=row_like)
-        per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache, num_loops, blend, backend,
-                                     keep_loops, return_loop_outputs) for rnd in rounds]
-        for layer_cache in cache.layers:
-            layer_cache.length = past + length
+        # Rows nobody reads are not stored: without use_cache, an internal cache matters only across rounds.
+        store_rows = use_cache or not internal_cache or len(rounds) > 1
+        if store_rows:
+            cache.reserve(past + length, like=self._row_like(inputs_embeds, batch))
+        per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache if store_rows else None, num_loops, blend,
+                                     backend, keep_loops, return_loop_outputs) for rnd in rounds]
+        if store_rows:
+            cache.end_call(past + length)
 
         def assemble(pieces):
             return _assemble(pieces, rounds, length)
 
         exit_logits = assemble([r["exit"] for r in per_round]).squeeze(-1)  # [B, L, T]
-        exit_probs = exit_distribution(exit_logits)
         loop_hidden = {t: assemble([r["hidden"][t] for r in per_round]) for t in keep_loops}
+        attention_outputs = None
+        if return_loop_outputs:
+            attention_outputs = tuple(
+                tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
+                for t in range(num_loops)
+            )
+        return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
+                            cache if use_cache else None)
+
+    def _output(self, exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold, cache):
+        # `attention_outputs` is not None exactly when return_loop_outputs asked for every loop's outputs.
+        """Pick each token's returned hidden state from its loops (fixed step, exit threshold, or the last loop)."""
+        exit_probs = exit_distribution(exit_logits)
         if exit_at_step is not None:
             selected = loop_hidden[exit_at_step]
         elif threshold is not None and threshold < 1.0:
@@ -386,19 +405,90 @@ class MeltModel(MeltPreTrainedModel):
             selected = stacked.gather(2, choice[..., None, None].expand(-1, -1, 1, stacked.shape[-1])).squeeze(2)
         else:
             selected = loop_hidden[num_loops - 1]
-        attention_outputs = None
-        if return_loop_outputs:
-            attention_outputs = tuple(
-                tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
-                for t in range(num_loops)
-            )
         return MeltModelOutput(
             last_hidden_state=selected,
-            cache=cache if use_cache else None,
+            cache=cache,
             exit_probs=exit_probs,
-            loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
+            loop_hidden_states=None if attention_outputs is None else tuple(loop_hidden[t] for t in range(num_loops)),
             attention_outputs=attention_outputs,
         )
+
+    # -- one token per sequence on a preallocated cache: the capturable decode step ------------------------------
+
+    def _static_decode_step(self, embeds, attention_mask, position_ids, cache: MeltCache, num_loops, exit_at_step,
+                            threshold, keep_loops, collect, use_cache):
+        """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
+        `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
+
+        Every (layer, loop) reads the whole preallocated buffer of its slot (`[B, kv_heads, max_cache_len, D]`):
+        column j is visible when it is written (j < fill, a device counter) and, with an attention mask, not
+        padding. The new token is the chunk (C = 1): its rows of the current loop are attended as the chunk's
+        rows, per-loop rows are written at column `fill` as soon as they exist, the shared row after the last
+        loop, then `fill` advances. Positions come from the mask (or from `fill`) as tensors.
+        `attention_mask` may be `[B, fill + 1]` (generate's growing mask) or `[B, max_cache_len]` (the fixed-width
+        mask `create_masks_for_generate` gives a compiled step).
+        """
+        config = self.config
+        batch, device = embeds.shape[0], embeds.device
+        columns = cache.max_cache_len
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "a preallocated cache (max_cache_len) is for inference: its decode step writes rows in place. Call it "
+                "under torch.no_grad() or torch.inference_mode(), as generate does; training uses a cache without "
+                "max_cache_len"
+            )
+        if not cache.is_initialized:
+            cache.reserve(1, like=self._row_like(embeds, batch))
+        if not torch.compiler.is_compiling() and cache.get_seq_length() >= columns:  # eager: one host read
+            raise ValueError(
+                f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
+            )
+        fill = cache.fill  # [1]
+        visible = (torch.arange(columns, device=device) < fill).expand(batch, columns)  # [B, S]: rows written
+        current = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+            if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > columns:
+                raise ValueError(
+                    f"attention_mask must be [batch, past + 1] or [batch, max_cache_len] = [{batch}, <= {columns}] "
+                    f"with this preallocated cache, got shape {tuple(attention_mask.shape)}"
+                )
+            mask = F.pad(mask, (0, columns - mask.shape[1]))  # [B, S]
+            visible = visible & mask
+            current = mask.gather(1, fill.view(1, 1).expand(batch, 1))  # [B, 1]: is the new token real
+        if position_ids is None:
+            position_ids = visible.sum(-1, keepdim=True) if attention_mask is not None else fill.view(1, 1).expand(batch, 1)
+        key_mask = torch.cat([visible, current], dim=1)  # [B, S + 1]
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+        backend = resolve_backend(config.attention_backend, device)
+
+        hidden = embeds
+        latents = [None] * len(self.layers)
+        final_rows = [None] * len(self.layers)
+        exits, loop_hidden = [], {}
+        attention_outputs = [[None] * len(self.layers) for _ in range(num_loops)]
+        for loop in range(num_loops):
+            for idx, layer in enumerate(self.layers):
+                k_prefix, v_prefix = cache.static_prefix_rows(idx, loop)
+                hidden, latents[idx], shared_rows, loop_rows, attn = layer(
+                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend
+                )
+                if loop_rows is not None:
+                    cache.static_write_loop_rows(idx, loop, loop_rows)
+                final_rows[idx] = shared_rows
+                attention_outputs[loop][idx] = attn
+            hidden = self.norm(hidden)  # after every loop, feeding the next one
+            exits.append(self.early_exit_gate(hidden))
+            if loop in keep_loops:
+                loop_hidden[loop] = hidden
+        for idx, rows in enumerate(final_rows):
+            if rows is not None:
+                cache.static_write_final_rows(idx, rows)
+        cache.static_advance(1)
+        exit_logits = torch.stack(exits, dim=2).squeeze(-1)  # [B, 1, T]
+        attention_outputs = tuple(tuple(per_loop) for per_loop in attention_outputs) if collect else None
+        return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
+                            cache if use_cache else None)
 
     # -- one round: all loops of one chunk -------------------------------------------------------------------
 
@@ -412,12 +502,12 @@ class MeltModel(MeltPreTrainedModel):
         out = {"exit": [], "hidden": {}, "attn": [[None] * len(self.layers) for _ in range(num_loops)]}
         for loop in range(num_loops):
             for idx, layer in enumerate(self.layers):
-                k_prefix, v_prefix = self._prefix_rows(cache, idx, loop, rnd.prefix_len, blend)
+                k_prefix, v_prefix = (None, None) if cache is None else cache.prefix_rows(idx, loop, rnd.prefix_len)
                 hidden, latents[idx], shared_rows, loop_rows, attn = layer(
                     hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend
                 )
-                if loop_rows is not None and blend is None:  # per-loop rows are final as soon as they exist
-                    cache.layers[idx].write(cache.loop_slot(loop), *loop_rows, *rnd.write_at)
+                if cache is not None and loop_rows is not None and blend is None:
+                    cache.commit_loop_rows(idx, loop, loop_rows, rnd.write_at)  # per-loop rows: final at once
                 elif loop_rows is not None:  # blended with the shared row, which is final only after the round
                     blend_rows[loop][idx] = loop_rows
                 final_rows[idx] = shared_rows
@@ -427,24 +517,10 @@ class MeltModel(MeltPreTrainedModel):
             out["exit"].append(self.early_exit_gate(hidden))
             if loop in keep_loops:
                 out["hidden"][loop] = hidden
-        if cache.has_shared_rows:  # the chunk's rows are final only now
-            for idx, rows in enumerate(final_rows):
-                cache.layers[idx].write(cache.shared_slot, *rows, *rnd.write_at)
-                if blend is not None:  # loop slot t: the row loop t's queries read, written once like the shared one
-                    for loop in range(num_loops):
-                        (k_loop, v_loop), (k, v) = blend_rows[loop][idx], rows
-                        cache.layers[idx].write(cache.loop_slot(loop), torch.lerp(k_loop, k, blend),
-                                                torch.lerp(v_loop, v, blend), *rnd.write_at)
+        if cache is not None:  # the chunk's rows are final only now
+            cache.commit_round(final_rows, blend_rows, rnd.write_at)
         out["exit"] = torch.stack(out["exit"], dim=2)  # [B, W, T, 1]
         return out
-
-    def _prefix_rows(self, cache: MeltCache, layer_idx: int, loop: int, prefix_len: int, blend: float | None):
-        if prefix_len == 0:
-            return None, None
-        layer_cache = cache.layers[layer_idx]
-        if cache.cache_mode == "per_loop" or blend is not None:  # with the blend, loop slots hold blended rows
-            return layer_cache.rows(cache.loop_slot(loop), prefix_len)
-        return layer_cache.rows(cache.shared_slot, prefix_len)
 
     # -- planning ---------------------------------------------------------------------------------------------
 
@@ -513,9 +589,11 @@ class MeltModel(MeltPreTrainedModel):
         dtype = torch.get_autocast_dtype(embeds.device.type) if torch.is_autocast_enabled(embeds.device.type) else embeds.dtype
         return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim, dtype=dtype)
 
-    def _full_key_mask(self, attention_mask, batch, total, device) -> torch.Tensor | None:
+    def _full_key_mask(self, attention_mask, batch, total, device, cache) -> torch.Tensor | None:
         if attention_mask is None:
             return None
+        if cache.is_preallocated and attention_mask.dim() == 2 and attention_mask.shape[1] == cache.max_cache_len:
+            attention_mask = attention_mask[:, :total]  # the fixed-width mask of a compiled generate
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] != total:
             raise ValueError(
                 f"attention_mask must be [batch, past + new tokens] = [{batch}, {total}] (a 2-D padding mask), "
@@ -534,24 +612,17 @@ class MeltModel(MeltPreTrainedModel):
             raise ValueError(f"kv_blend_alpha must lie in [0, 1], got {alpha}")
         return None if alpha == 1.0 else alpha
 
-    def _check_cache(self, cache, num_loops, blend) -> None:
+    def _check_cache(self, cache, batch: int) -> None:
         if not isinstance(cache, MeltCache):
             raise TypeError(f"cache must be a MeltCache (or None), got {type(cache).__name__}")
         if cache.cache_mode != self.config.cache_mode:
             raise ValueError(f"cache is a {cache.cache_mode} cache but the model runs {self.config.cache_mode}")
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.layers)}")
-        if cache.has_loop_rows and cache.num_loops != num_loops:
+        if cache.is_initialized and cache.layers[0].batch_size != batch:
             raise ValueError(
-                f"this cache keeps per-loop rows for {cache.num_loops} loops but the call runs {num_loops}; "
-                "per-loop caches need the same num_loops in every call"
-            )
-        if blend is not None and not cache.has_loop_rows:
-            raise ValueError("kv_blend_alpha < 1 needs a MeltCache created with keep_loop_rows=True")
-        if cache.has_loop_rows and cache.cache_mode == "shared" and cache.get_seq_length() and cache.blend_alpha != blend:
-            raise ValueError(
-                f"this cache holds loop rows blended with kv_blend_alpha={cache.blend_alpha} but the call uses "
-                f"{blend}; every call on one cache needs the same kv_blend_alpha (start a new cache to change it)"
+                f"cache holds {cache.layers[0].batch_size} sequences but the input has {batch}; use a new cache "
+                "(or reorder/select the cache's sequences first)"
             )
 
 
@@ -680,9 +751,53 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
             attention_outputs=outputs.attention_outputs,
         )
 
-    def new_cache(self, num_loops: int | None = None, keep_loop_rows: bool = False) -> MeltCache:
-        """An empty cache for this model (the forward creates one itself when none is passed)."""
-        return MeltCache(self.config, num_loops=num_loops, keep_loop_rows=keep_loop_rows)
+    def new_cache(
+        self, num_loops: int | None = None, keep_loop_rows: bool = False, max_cache_len: int | None = None
+    ) -> MeltCache:
+        """An empty cache for this model (the forward creates one itself when none is passed).
+
+        `max_cache_len`: preallocate exactly that many columns (prompt, left padding and new tokens); the cache
+        then never grows, and its one-token decode step can be compiled (`torch.compile(model, fullgraph=True)`,
+        or `generate` on CUDA, which compiles it when handed such a cache).
+        """
+        return MeltCache(self.config, num_loops=num_loops, keep_loop_rows=keep_loop_rows, max_cache_len=max_cache_len)
+
+    # -- generate -----------------------------------------------------------------------------------------------
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """generate's cache: a MeltCache preallocated for the prompt plus `max_new_tokens`, so what it allocates is
+        what it holds (`cache_implementation=None` or "static"; "static" also lets transformers compile the decode
+        step, on CUDA or wherever `compile_config` allows). "dynamic" grows as it goes."""
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None:
+            if implementation is not None:
+                raise ValueError("pass either cache= or cache_implementation= to generate, not both")
+            model_kwargs["cache"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        if implementation not in (None, "static", "dynamic"):
+            raise ValueError(
+                f"MELT's generate supports cache_implementation None, 'static' or 'dynamic', got {implementation!r}"
+            )
+        max_cache_len = None if implementation == "dynamic" else max_cache_length
+        if max_cache_len is not None and max_cache_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt + max_new_tokens needs {max_cache_len} positions but max_position_embeddings is "
+                f"{self.config.max_position_embeddings}; lower max_new_tokens"
+            )
+        cache = self.new_cache(num_loops=model_kwargs.get("num_loops"), max_cache_len=max_cache_len)
+        cache._auto_compile = implementation == "static"
+        model_kwargs["cache"] = cache
+
+    def create_masks_for_generate(self, attention_mask=None, cache=None, **kwargs):
+        """What generate hands a compileable cache's forward as `attention_mask`: the 2-D padding mask padded with
+        zeros to the cache's fixed width, so that every decode step has the same shapes (the forward builds its
+        own causal structure)."""
+        if attention_mask is None or not isinstance(cache, MeltCache) or not cache.is_preallocated:
+            return attention_mask
+        return F.pad(attention_mask, (0, cache.max_cache_len - attention_mask.shape[1]))
 
     @classmethod
     def from_ouro(

@@ -164,13 +164,16 @@ def test_cache_bytes_shared_constant_per_loop_linear(num_loops):
     assert shared.get_seq_length() == per_loop.get_seq_length() == length
 
 
-def test_cache_grows_geometrically_and_tracks_tokens_apart_from_capacity():
+def test_dynamic_cache_grows_in_fixed_steps_and_tracks_tokens_apart_from_capacity():
+    from melt.cache_melt import GROW_COLUMNS
+
     model = tiny_model(chunk_size=1)
     cache = model(torch.randint(0, 61, (1, 5))).cache
-    assert cache.layers[0].capacity == 5 and cache.get_seq_length() == 5
+    assert cache.layers[0].capacity == 5 and cache.get_seq_length() == 5  # the first call allocates exactly
+    assert cache.capacity_nbytes() == cache.nbytes()
     model(torch.randint(0, 61, (1, 1)), cache=cache)
-    assert cache.layers[0].capacity == 10 and cache.get_seq_length() == 6
-    assert cache.capacity_nbytes() == cache.nbytes() * 10 // 6
+    assert cache.layers[0].capacity == GROW_COLUMNS and cache.get_seq_length() == 6
+    assert cache.capacity_nbytes() == cache.nbytes() * GROW_COLUMNS // 6
 
 
 def test_num_loops_override_per_call_keeps_shared_memory():
@@ -479,3 +482,27 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 4, dtype=torch.long), cache=object())
     with pytest.raises(ValueError, match="keep_loop_rows"):
         model(torch.zeros(1, 4, dtype=torch.long), kv_blend_alpha=0.5, cache=MeltCache(model.config))
+
+
+@pytest.mark.parametrize("cache_mode, chunk, expect_rows", [
+    ("per_loop", 4, False),  # the teacher's forward: one round, nothing reads its rows
+    ("shared", 64, False),   # one chunk
+    ("shared", 4, True),     # later chunks read earlier chunks' final rows
+])
+def test_forward_without_cache_allocates_only_rows_that_are_read(monkeypatch, cache_mode, chunk, expect_rows):
+    from melt.cache_melt import MeltCacheLayer
+
+    allocated = []
+    original = MeltCacheLayer.allocate
+
+    def spy(self, columns, like):
+        allocated.append(columns)
+        return original(self, columns, like)
+
+    monkeypatch.setattr(MeltCacheLayer, "allocate", spy)
+    model = tiny_model(cache_mode=cache_mode, chunk_size=chunk)
+    ids = torch.randint(0, 61, (2, 12))
+    out = model(ids, use_cache=False, return_loop_outputs=True)
+    assert out.cache is None and bool(allocated) == expect_rows
+    allocated.clear()
+    assert model(ids, use_cache=True).cache.nbytes() > 0 and allocated

@@ -1,0 +1,157 @@
+"""Decode-path benchmark: does the cache allocate what it holds, and what does one decode step cost?
+
+    python -m benchmarks.decode [--prompt 1000] [--new-tokens 32] [--compile] [--out DIR]
+
+On the `tiny` preset (CPU by default, fp32), four measurements, each labelled with how it is obtained:
+1. allocation vs rows after `generate` with the default cache, `cache_implementation="static"` and "dynamic":
+   `capacity_nbytes()` (bytes of the cache's allocated buffers) over `nbytes()` (rows held), goal 1.00;
+2. bytes newly allocated during the FIRST decode step after the prompt, preallocated vs dynamic cache: counted at
+   the dispatcher (every tensor an aten op creates, frees ignored), so a copy of the whole cache shows up;
+3. aten ops dispatched per decoded token, eager, against transformers' `LlamaForCausalLM` with N*T layers of the
+   same widths (what a LoopLM costs if unrolled), both on a preallocated cache: the launch count a GPU would pay
+   without CUDA graphs;
+4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`; inductor on CPU compiles
+   for a minute or more), median of the steps after the first.
+Nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import common
+
+
+class DispatchTally(TorchDispatchMode):
+    """Counts aten ops and the bytes of the new storages they return (views and in-place results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.new_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.new_bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def allocation_after_generate(model, prompt: torch.Tensor, new_tokens: int) -> list[dict]:
+    rows = []
+    for implementation in (None, "static", "dynamic"):
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, cache_implementation=implementation,
+                             return_dict_in_generate=True, pad_token_id=0)
+        cache = out.cache
+        rows.append({"cache": implementation or "default", "rows_bytes": cache.nbytes(),
+                     "allocated_bytes": cache.capacity_nbytes(),
+                     "allocated_over_rows": round(cache.capacity_nbytes() / cache.nbytes(), 3)})
+    return rows
+
+
+@torch.no_grad()
+def first_step_allocation(model, prompt: torch.Tensor) -> list[dict]:
+    rows = []
+    for kind, cache in (("preallocated", model.new_cache(max_cache_len=prompt.shape[1] + 1)),
+                        ("dynamic", model.new_cache())):
+        out = model(prompt, cache=cache, logits_to_keep=1)
+        token = out.logits.argmax(-1)
+        with DispatchTally() as tally:
+            model(token, cache=cache)
+        rows.append({"cache": kind, "cache_rows_bytes": cache.nbytes(), "allocated_in_step_bytes": tally.new_bytes,
+                     "allocated_in_step_over_rows": round(tally.new_bytes / cache.nbytes(), 3)})
+    return rows
+
+
+@torch.no_grad()
+def ops_per_token(preset: str, context: int) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.cache_utils import StaticCache
+
+    rows = []
+    for name in ("melt", "looplm"):
+        model = common.build_model(preset, name)
+        cache = model.new_cache(max_cache_len=context + 1)
+        model(torch.randint(1, 100, (1, context)), cache=cache)
+        with DispatchTally() as tally:
+            model(torch.randint(1, 100, (1, 1)), cache=cache)
+        cfg = model.config
+        rows.append({"model": name, "layers": cfg.num_hidden_layers, "loops": cfg.num_loops, "aten_ops": tally.ops})
+    kw = common.model_kwargs(preset, "melt")
+    llama_cfg = LlamaConfig(
+        vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"], intermediate_size=kw["intermediate_size"],
+        num_hidden_layers=kw["num_hidden_layers"] * kw["num_loops"], num_attention_heads=kw["num_attention_heads"],
+        num_key_value_heads=kw["num_key_value_heads"], head_dim=kw["head_dim"], max_position_embeddings=context + 8,
+    )
+    llama = LlamaForCausalLM(llama_cfg).eval()
+    cache = StaticCache(config=llama_cfg, max_cache_len=context + 1)
+    llama(torch.randint(1, 100, (1, context)), cache=cache)
+    with DispatchTally() as tally:
+        llama(torch.randint(1, 100, (1, 1)), cache=cache, position_ids=torch.tensor([[context]]))
+    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1, "aten_ops": tally.ops})
+    return rows
+
+
+@torch.no_grad()
+def ms_per_token(model, prompt: torch.Tensor, steps: int, compile_step: bool) -> list[dict]:
+    variants = [("eager", model)]
+    if compile_step:
+        variants.append(("compiled (inductor, fullgraph)", torch.compile(model, fullgraph=True, dynamic=False)))
+    rows = []
+    for name, step in variants:
+        cache = model.new_cache(max_cache_len=prompt.shape[1] + steps + 1)
+        token = model(prompt, cache=cache, logits_to_keep=1).logits.argmax(-1)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            token = step(token, cache=cache).logits.argmax(-1)
+            times.append(time.perf_counter() - start)
+        rows.append({"step": name, "first_step_s": round(times[0], 3),
+                     "ms_per_token": round(1e3 * statistics.median(times[1:]), 3)})
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny"])
+    parser.add_argument("--prompt", type=int, default=1000, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (slow to build)")
+    parser.add_argument("--out", default=None, help="directory for the JSON (default: the benchmarks' output dir)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = common.build_model(args.preset, "melt")
+    prompt = torch.randint(1, 100, (1, args.prompt))
+    result = {
+        "machine": common.machine_info(device),
+        "preset": args.preset,
+        "prompt": args.prompt,
+        "allocation_after_generate": allocation_after_generate(model, prompt, args.new_tokens),
+        "first_decode_step": first_step_allocation(model, prompt),
+        "ops_per_token": ops_per_token(args.preset, context=64),
+        "ms_per_token": ms_per_token(model, prompt, args.new_tokens, args.compile),
+    }
+    for title, key in (("allocated (buffers) vs rows held after generate", "allocation_after_generate"),
+                       ("bytes allocated by the first decode step (dispatcher count)", "first_decode_step"),
+                       ("aten ops per decoded token (eager)", "ops_per_token"),
+                       ("ms per token (CPU)", "ms_per_token")):
+        print(title)
+        common.print_table(result[key], list(result[key][0]))
+    json_path, _ = common.result_paths("decode", args.preset, device, args.out)
+    common.write_json(json_path, result)
+    print(f"wrote {json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The preallocated cache: it allocates exactly what it holds, never moves while decoding, gives the same logits as
+the dynamic cache and the full forward, and its decode step compiles as one graph with no recompile."""
+
+import pytest
+import torch
+
+from melt import MeltCache
+from melt_testing import tiny_model
+
+ATOL = 1e-5
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def decode(model, ids, mask, cache, step=None):
+    """Logits `[B, L, V]` of prefill (the first 3 columns) then one-token steps through `cache`."""
+    step = step or model
+    with torch.no_grad():
+        out = model(ids[:, :3], attention_mask=None if mask is None else mask[:, :3], cache=cache, use_cache=True)
+        logits = [out.logits]
+        for i in range(3, ids.shape[1]):
+            step_mask = None if mask is None else mask[:, : i + 1]
+            logits.append(step(ids[:, i : i + 1], attention_mask=step_mask, cache=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "left-padded"])
+def test_static_equals_dynamic_equals_full_forward(cache_mode, padded):
+    model = tiny_model(cache_mode=cache_mode, chunk_size=1)  # C = 1: token-by-token decode is the full forward
+    ids = torch.randint(1, 61, (2, 9))
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+    static = decode(model, ids, mask, model.new_cache(max_cache_len=16))
+    dynamic = decode(model, ids, mask, model.new_cache())
+    real = slice(None) if mask is None else mask.bool()
+    assert max_diff(static[real], dynamic[real]) < ATOL
+    assert max_diff(static[real], full[real]) < ATOL
+
+
+def test_static_decode_with_chunked_prefill_equals_dynamic():
+    model = tiny_model(chunk_size=2)
+    ids = torch.randint(1, 61, (2, 8))
+    static = decode(model, ids, None, model.new_cache(max_cache_len=8))
+    assert max_diff(static, decode(model, ids, None, model.new_cache())) < ATOL
+
+
+def test_preallocated_cache_allocates_once_and_never_moves():
+    model = tiny_model(chunk_size=2)
+    cache = model.new_cache(max_cache_len=12)
+    ids = torch.randint(1, 61, (2, 12))
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache)
+        pointers = [buffer.data_ptr() for layer in cache.layers for buffer in layer.keys + layer.values]
+        assert cache.capacity_nbytes() == cache.nbytes() * 12 // 5
+        for i in range(5, 12):
+            model(ids[:, i : i + 1], cache=cache)
+            assert [buffer.data_ptr() for layer in cache.layers for buffer in layer.keys + layer.values] == pointers
+    assert cache.get_seq_length() == 12 and cache.capacity_nbytes() == cache.nbytes()
+    with torch.no_grad(), pytest.raises(ValueError, match="is full"):
+        model(ids[:, :1], cache=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="larger max_cache_len"):
+        model(ids, cache=model.new_cache(max_cache_len=11))
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model(ids[:, :1], cache=model.new_cache(max_cache_len=4))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.new_cache(max_cache_len=model.config.max_position_embeddings + 1)
+
+
+def test_crop_and_reorder_keep_the_static_counter():
+    model = tiny_model(chunk_size=1)
+    ids = torch.randint(1, 61, (2, 8))
+    with torch.no_grad():
+        cache = model.new_cache(max_cache_len=10)
+        model(ids[:, :6], cache=cache)
+        cache.crop(4)
+        assert cache.get_seq_length() == 4
+        cache.reorder_cache(torch.tensor([1, 0]))
+        cropped = model(ids[[1, 0], 4:5], cache=cache).logits
+        fresh = model(ids[[1, 0], 4:5], cache=model(ids[[1, 0], :4], use_cache=True).cache).logits
+    assert max_diff(cropped, fresh) < ATOL
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])
+def test_generate_preallocates_exactly_and_matches_the_dynamic_cache(kwargs):
+    model = tiny_model(chunk_size=2)
+    ids = torch.randint(1, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    common = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+    default = model.generate(ids, return_dict_in_generate=True, **common)
+    cache = default.cache
+    assert isinstance(cache, MeltCache) and cache.is_preallocated and not cache.is_compileable
+    assert cache.capacity_nbytes() == cache.nbytes()  # allocation == rows held
+    static = model.generate(ids, cache_implementation="static", **common)
+    dynamic = model.generate(ids, cache_implementation="dynamic", **common)
+    assert torch.equal(default.sequences, static) and torch.equal(static, dynamic)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(ids, cache_implementation="offloaded", **common)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_is_one_graph_equal_to_eager():
+    """`torch.compile(fullgraph=True)` of the one-token call: no graph break, no recompile across steps or across
+    prompts of three lengths, and the same greedy tokens as eager over 64 steps."""
+    import torch._dynamo
+
+    model = tiny_model(chunk_size=2, max_position_embeddings=128)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+
+    @torch.no_grad()
+    def greedy(prompt, step, steps):
+        cache = model.new_cache(max_cache_len=96)
+        token = model(prompt, cache=cache, logits_to_keep=1).logits.argmax(-1)
+        tokens = [token]
+        for _ in range(steps):
+            token = step(token, cache=cache).logits.argmax(-1)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+    torch._dynamo.reset()
+    prompts = [torch.randint(1, 61, (2, n)) for n in (5, 9, 17)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(greedy(prompts[0], compiled, 64), greedy(prompts[0], model, 64))
+        for prompt in prompts[1:]:
+            assert torch.equal(greedy(prompt, compiled, 8), greedy(prompt, model, 8))
+
+
+def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
+    from melt_benchmarks import decode
+
+    result = decode.main(["--prompt", "40", "--new-tokens", "3", "--out", str(tmp_path)])
+    by_cache = {row["cache"]: row for row in result["allocation_after_generate"]}
+    assert by_cache["default"]["allocated_over_rows"] == by_cache["static"]["allocated_over_rows"] == 1.0
+    first = {row["cache"]: row for row in result["first_decode_step"]}
+    # the dynamic cache copies itself when the first decode step outgrows it; the preallocated one never does
+    assert first["dynamic"]["allocated_in_step_bytes"] > first["dynamic"]["cache_rows_bytes"]
+    assert first["preallocated"]["allocated_in_step_bytes"] < first["preallocated"]["cache_rows_bytes"]
+    assert all(row["aten_ops"] > 0 for row in result["ops_per_token"])
+    assert list(tmp_path.glob("decode_tiny_*.json"))

@@ -327,12 +327,18 @@ class MeltModel(MeltPreTrainedModel):
         threshold = config.early_exit_threshold if early_exit_threshold is None else early_exit_threshold
         if exit_at_step is not None:
             validate_exit_step(exit_at_step, num_loops)
+        if early_exit_threshold is not None and not 0.0 <= float(early_exit_threshold) <= 1.0:
+            raise ValueError(f"early_exit_threshold must lie in [0, 1] (1 = every loop), got {early_exit_threshold!r}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+            self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, length, hidden_size={config.hidden_size}], "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
         batch, length = inputs_embeds.shape[:2]
         if length == 0 or batch == 0:
             raise ValueError("empty input: input_ids/inputs_embeds must hold at least one token per sequence")
@@ -601,6 +607,21 @@ class MeltModel(MeltPreTrainedModel):
             )
         mask = attention_mask.to(device=device, dtype=torch.bool)
         return None if bool(mask.all()) else mask
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return  # a captured step validates nothing on the host (generate's own tokens are in range)
+        low, high = int(input_ids.min()), int(input_ids.max())  # one host read per call
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside this model's vocabulary [0, {self.config.vocab_size}); "
+                "check the tokenizer matches the checkpoint"
+            )
 
     def _check_blend(self, alpha) -> float | None:
         if alpha is None:

@@ -120,3 +120,20 @@ def test_older_transformers_is_refused_with_the_fix():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     assert "MELT needs transformers >= 5.24" in result.stderr and "pip install -U" in result.stderr
+
+
+def test_bad_inputs_raise_one_clear_error_before_the_model_runs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token id 61, outside this model's vocabulary"):
+        model(torch.tensor([[1, 61]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        model(inputs_embeds=torch.randn(1, 3, 31))
+    with pytest.raises(ValueError, match=r"early_exit_threshold must lie in \[0, 1\]"):
+        model(torch.tensor([[1, 2]]), early_exit_threshold=2.0)
+    cache = model(torch.randint(0, 61, (2, 3)), use_cache=True).cache
+    with pytest.raises(ValueError, match="cache holds 2 sequences but the input has 3"):
+        model(torch.randint(0, 61, (3, 1)), cache=cache)

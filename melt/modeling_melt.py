@@ -803,6 +803,9 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
                 f"MELT's generate supports cache_implementation None, 'static' or 'dynamic', got {implementation!r}"
             )
         max_cache_len = None if implementation == "dynamic" else max_cache_length
+        if max_cache_len is not None and getattr(generation_config, "max_cache_len", None):
+            # A fixed size across calls: one compiled decode step serves prompts of any length.
+            max_cache_len = max(max_cache_len, generation_config.max_cache_len)
         if max_cache_len is not None and max_cache_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"prompt + max_new_tokens needs {max_cache_len} positions but max_position_embeddings is "

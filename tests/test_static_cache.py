@@ -144,3 +144,26 @@ def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
     assert first["preallocated"]["allocated_in_step_bytes"] < first["preallocated"]["cache_rows_bytes"]
     assert all(row["aten_ops"] > 0 for row in result["ops_per_token"])
     assert list(tmp_path.glob("decode_tiny_*.json"))
+
+
+@pytest.mark.slow
+def test_generate_compiles_the_decode_step_through_transformers():
+    """`generate(cache_implementation="static")` through transformers' own compile path (`compile_config`; on CPU
+    only when asked for all devices): one graph for prompts of three lengths (a fixed `max_cache_len`), and the
+    same tokens as the eager generate, with a left-padded row."""
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model = tiny_model(chunk_size=2, max_position_embeddings=128)
+    config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    config._compile_all_devices = True
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, cache_implementation="static", max_cache_len=64)
+    torch._dynamo.reset()
+    for i, length in enumerate((7, 5, 11)):
+        ids = torch.randint(1, 61, (2, length))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        eager = model.generate(ids, attention_mask=mask, disable_compile=True, **common)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            compiled = model.generate(ids, attention_mask=mask, compile_config=config, **common)
+        assert torch.equal(eager, compiled)

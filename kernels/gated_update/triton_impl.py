@@ -40,27 +40,37 @@ def _block_sizes(D: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _gated_update_fwd_kernel(
-    A, S, GA, GS, Bias, Out,
-    N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _tile(N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_D] tile of the flat [N, D] rows: (offsets, mask, columns, column mask)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask = (offs_m < N)[:, None] & mask_d[None, :]
     # int64: N * D exceeds 2**31 for long sequences at large hidden sizes.
     offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    return offs, mask, offs_d, mask_d
 
+
+@triton.jit
+def _load_gate_inputs(A, S, GA, GS, Bias, offs, mask, offs_d, mask_d):
+    """a, s and z = sigmoid(ga + gs + b) of one tile, in fp32 (masked lanes read 0)."""
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
     ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
     gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return a, s, tl.sigmoid(ga + gs + bias[None, :])
 
-    z = tl.sigmoid(ga + gs + bias[None, :])
-    out = z * s + (1.0 - z) * a
-    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _gated_update_fwd_kernel(
+    A, S, GA, GS, Bias, Out,
+    N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs, mask, offs_d, mask_d = _tile(N, D, BLOCK_M, BLOCK_D)
+    a, s, z = _load_gate_inputs(A, S, GA, GS, Bias, offs, mask, offs_d, mask_d)
+    tl.store(Out + offs, (z * s + (1.0 - z) * a).to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -70,21 +80,9 @@ def _gated_update_bwd_kernel(
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = (offs_m < N)[:, None] & mask_d[None, :]
-    offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-
+    offs, mask, offs_d, mask_d = _tile(N, D, BLOCK_M, BLOCK_D)
+    a, s, z = _load_gate_inputs(A, S, GA, GS, Bias, offs, mask, offs_d, mask_d)
     dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-    ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
-    gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    z = tl.sigmoid(ga + gs + bias[None, :])
     ds = dout * z
     da = dout - ds
     # d s'/d z = s - a and d z / d(ga + gs + b) = z (1 - z); masked lanes have dout = 0.
@@ -94,7 +92,7 @@ def _gated_update_bwd_kernel(
     tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
     tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
     # Deterministic db: one fp32 partial row per row block, reduced by the launcher.
-    tl.store(DBPartial + pid_m * D + offs_d, tl.sum(dz, axis=0), mask=mask_d)
+    tl.store(DBPartial + tl.program_id(0) * D + offs_d, tl.sum(dz, axis=0), mask=mask_d)
 
 
 def gated_update_fwd(
@@ -124,10 +122,11 @@ def gated_update_fwd(
     if N == 0 or D == 0:
         return out
     block_m, block_d, num_warps = _block_sizes(D)
-    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
-    _gated_update_fwd_kernel[grid](
-        a, s, ga, gs, b, out, N, D,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    utils.launch(
+        _gated_update_fwd_kernel,
+        (triton.cdiv(N, block_m), triton.cdiv(D, block_d)),
+        (a, s, ga, gs, b, out, N, D),
+        dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps),
     )
     return out
 
@@ -160,9 +159,11 @@ def gated_update_bwd(
     block_m, block_d, num_warps = _block_sizes(D)
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
     db_partial = utils.new_empty((grid[0], D), torch.float32, a.device)
-    _gated_update_bwd_kernel[grid](
-        dout, a, s, ga, gs, b, da, ds, dz, db_partial, N, D,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    utils.launch(
+        _gated_update_bwd_kernel,
+        grid,
+        (dout, a, s, ga, gs, b, da, ds, dz, db_partial, N, D),
+        dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps),
     )
     return da, ds, dz, db_partial.sum(0).to(b.dtype)
 

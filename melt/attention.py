@@ -69,32 +69,42 @@ def resolve_backend(configured: str, device: torch.device) -> str:
 
 
 def chunk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor | None,
-    v_prefix: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     backend: str,
+    *,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q `[B, H, C, D]` over prefix rows `[B, Hkv, P, D]` then chunk rows `[B, Hkv, C, D]`.
 
     Returns `[B, H, C, D]`. `key_mask`: bool `[B, P + C]` or None. The prefix may be a strided view of a
     larger cache buffer; no backend copies it.
+    `prefix_lengths`: int tensor `[B]` on the device of q, or None: prefix row j of sequence b is visible only
+    if j < prefix_lengths[b] (and key_mask, whose width stays P + C, allows it). With it the prefix may be a
+    whole preallocated buffer `[B, Hkv, S, D]`; the lengths are never read on the host (no sync), so a decode
+    step can be captured: the Triton kernels skip the key blocks past each length, the eager path masks them
+    with fixed shapes (`torch.compile(fullgraph=True)` traces it).
     """
     prefix_len = 0 if k_prefix is None else k_prefix.shape[2]
     if prefix_len == 0:
-        k_prefix = v_prefix = None
+        k_prefix = v_prefix = prefix_lengths = None
     if backend == "triton":
-        return triton_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask=key_mask)
-    if backend == "flash" and key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return triton_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask=key_mask, prefix_lengths=prefix_lengths)
+    if (backend == "flash" and key_mask is None and prefix_lengths is None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
         return _flash(q, k, v, k_prefix, v_prefix)
     if backend in ("sdpa", "flash") and prefix_len == 0:
         return _sdpa(q, k, v, key_mask)
-    return eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask)
+    return eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths)
 
 
-def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask) -> torch.Tensor:
+def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths=None) -> torch.Tensor:
+    """Plain PyTorch `chunk_attention`, softmax in fp32 over scores computed where the rows live.
+
+    Shapes as `chunk_attention`. Every mask is built from tensor shapes and device tensors only (no
+    data-dependent branch), so `torch.compile(fullgraph=True)` traces it with `prefix_lengths`.
+    """
     batch, heads, chunk, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -108,6 +118,10 @@ def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask) -> torch.Tensor
     scores = torch.cat(scores, dim=-1).view(batch, kv_heads, group, chunk, prefix_len + chunk)
     causal = torch.ones(chunk, prefix_len + chunk, dtype=torch.bool, device=q.device).tril(prefix_len)
     visible = causal if key_mask is None else causal & key_mask[:, None, None, None, :]
+    if prefix_lengths is not None and prefix_len:
+        exists = torch.arange(prefix_len, device=q.device) < prefix_lengths[:, None]  # [B, P]
+        exists = torch.cat([exists, exists.new_ones(batch, chunk)], dim=1)  # [B, P + C]: chunk rows always exist
+        visible = visible & exists[:, None, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: zeros
     probs = probs.view(batch, kv_heads, group * chunk, prefix_len + chunk)

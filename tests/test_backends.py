@@ -95,3 +95,62 @@ def test_gpu_bf16_triton_matches_eager_model():
         with override_backend("triton"):
             out = model(ids).logits.float()
     assert ((out - ref).norm() / ref.norm()) < 2e-2
+
+
+# per-sequence prefix lengths through the entry point --------------------------------------------------------------
+
+
+def _attention_inputs(B=3, H=4, Hkv=2, C=2, S=9, D=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, C, D, generator=gen) for h in (H, Hkv, Hkv))
+    k_buf, v_buf = (torch.randn(B, Hkv, S, D, generator=gen) for _ in range(2))
+    key_mask = torch.rand(B, S + C, generator=gen) > 0.2
+    key_mask[:, S:] = True
+    return q, k, v, k_buf, v_buf, key_mask
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_prefix_lengths_equal_truncated_prefix_per_sequence(backend):
+    from melt.attention import chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+    S = k_buf.shape[2]
+    lengths = torch.tensor([0, 4, S])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, k_buf, v_buf)]
+    out = chunk_attention(*leaves, key_mask, backend, prefix_lengths=lengths)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    full = chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend, prefix_lengths=torch.full((3,), S))
+    assert (full - chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend)).abs().max() < 1e-5
+    for b, n in enumerate(lengths.tolist()):
+        ref_leaves = [t[b : b + 1].clone().requires_grad_() for t in (q, k, v)]
+        ref_leaves += [t[b : b + 1, :, :n].clone().requires_grad_() for t in (k_buf, v_buf)]
+        mask_b = torch.cat([key_mask[b : b + 1, :n], key_mask[b : b + 1, S:]], dim=1)
+        ref = chunk_attention(*ref_leaves, mask_b, "eager")
+        assert torch.allclose(out[b : b + 1], ref, atol=1e-5, rtol=0)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, upstream[b : b + 1], allow_unused=True, materialize_grads=True)
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            g = g[b : b + 1]
+            if i >= 3:  # prefix buffers: the rows past the length get no gradient
+                assert torch.equal(g[:, :, n:], torch.zeros_like(g[:, :, n:]))
+                g = g[:, :, :n]
+            assert torch.allclose(g, rg, atol=1e-5, rtol=0)
+
+
+def test_eager_prefix_lengths_compile_fullgraph():
+    from melt.attention import chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+
+    def step(q, k, v, k_buf, v_buf, key_mask, lengths):
+        return chunk_attention(q, k, v, k_buf, v_buf, key_mask, "eager", prefix_lengths=lengths)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    lengths = torch.tensor([0, 4, 9])
+    assert (compiled(q, k, v, k_buf, v_buf, key_mask, lengths) - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+    # New lengths are data, not shapes: the same graph serves them.
+    lengths = torch.tensor([3, 3, 1])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = compiled(q, k, v, k_buf, v_buf, key_mask, lengths)
+    assert (out - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+

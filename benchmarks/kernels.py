@@ -52,11 +52,13 @@ def bench_gated_update() -> list[dict]:
         b = torch.randn(shape[-1], device="cuda", dtype=DTYPE)
         tensor_bytes = a.numel() * a.element_size()
         for direction, n_tensors, fn in (
-            # forward: read a, s, ga, gs; write s'
+            # forward (inference): read a, s, ga, gs; write s'
             ("fwd", 5, lambda: gated_update_fwd(a, s, ga, gs, b)),
-            # backward: read ds', a, s, ga, gs; write da, ds, dz (not counted: the fp32 db partials,
+            # forward (training): also write g = ga + gs, the one tensor backward keeps of ga and gs
+            ("fwd+g", 6, lambda: gated_update_fwd(a, s, ga, gs, b, return_gate_sum=True)),
+            # backward: read ds', a, s, g; write da, ds, dz (not counted: the fp32 db partials,
             # one row per BLOCK_M rows, i.e. 2 / BLOCK_M of one bf16 tensor)
-            ("bwd", 8, lambda: gated_update_bwd(dout, a, s, ga, gs, b)),
+            ("bwd", 7, lambda: gated_update_bwd(dout, a, s, ga, b)),
         ):
             moved = n_tensors * tensor_bytes
             ms = _bench_ms(fn)

@@ -113,7 +113,8 @@ def representative_launches(dtype: torch.dtype) -> list[tuple[str, bool, utils.L
         x = torch.empty(4, 500, hidden, device=meta, dtype=dtype)
         b = torch.empty(hidden, device=meta, dtype=dtype)
         record(f"fwd D{hidden}", lambda: gated_update_fwd(x, x, x, x, b))
-        record(f"bwd D{hidden}", lambda: gated_update_bwd(x, x, x, x, x, b))
+        record(f"fwd-sum D{hidden}", lambda: gated_update_fwd(x, x, x, x, b, return_gate_sum=True))
+        record(f"bwd D{hidden}", lambda: gated_update_bwd(x, x, x, x, b))
     return recorded
 
 

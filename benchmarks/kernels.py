@@ -1,5 +1,12 @@
 """Benchmark the MELT Triton kernels on a CUDA GPU: `python -m benchmarks.kernels`.
 
+`python -m benchmarks.kernels --aot` needs no GPU: it compiles every kernel x production config x
+variant x dtype for sm_80 and sm_90 ahead of time (`melt_kernels.aot`) and tabulates, per kernel,
+config and target, the shared memory per block, the registers per thread and the spill bytes (from
+`ptxas -v`), and the tensor-core instruction family in the PTX (`wgmma` on sm_90, `mma` on sm_80,
+`none` where the dots run on FMA units: fp32 with exact dots, element-wise kernels). Writes
+benchmarks/results/kernels_aot.json and .png. Nothing is asserted.
+
 - Gated update (memory-bound): achieved GB/s of the forward and backward launchers, next to the
   bandwidth of a device copy (`torch.clone`) moving the same number of bytes in the same run.
 - Chunk attention, forward and backward, B=1, H=16, D=128, bf16, C in {1, 64, 500} queries over
@@ -16,6 +23,7 @@ triton versions included; files written via `benchmarks.common`). Timings are me
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -44,11 +52,13 @@ def bench_gated_update() -> list[dict]:
         b = torch.randn(shape[-1], device="cuda", dtype=DTYPE)
         tensor_bytes = a.numel() * a.element_size()
         for direction, n_tensors, fn in (
-            # forward: read a, s, ga, gs; write s'
+            # forward (inference): read a, s, ga, gs; write s'
             ("fwd", 5, lambda: gated_update_fwd(a, s, ga, gs, b)),
-            # backward: read ds', a, s, ga, gs; write da, ds, dz (not counted: the fp32 db partials,
+            # forward (training): also write g = ga + gs, the one tensor backward keeps of ga and gs
+            ("fwd+g", 6, lambda: gated_update_fwd(a, s, ga, gs, b, return_gate_sum=True)),
+            # backward: read ds', a, s, g; write da, ds, dz (not counted: the fp32 db partials,
             # one row per BLOCK_M rows, i.e. 2 / BLOCK_M of one bf16 tensor)
-            ("bwd", 8, lambda: gated_update_bwd(dout, a, s, ga, gs, b)),
+            ("bwd", 7, lambda: gated_update_bwd(dout, a, s, ga, b)),
         ):
             moved = n_tensors * tensor_bytes
             ms = _bench_ms(fn)
@@ -181,7 +191,79 @@ def plot(gated: list[dict], attention: list[dict], device_name: str):
     return fig
 
 
-def main() -> int:
+def aot_report(workers: int | None = None) -> dict:
+    """Compile everything ahead of time with ptxas statistics; print the table, write JSON and PNG."""
+    from melt_kernels import aot
+
+    jobs = aot.plan(scope="all")
+    records = aot.compile_all(jobs, ptxas=True, workers=workers)
+    rows = []
+    for r in records:
+        c = r["config"]
+        rows.append({
+            "kernel": r["kernel"].removeprefix("_").removesuffix("_kernel"),
+            "case": r["case"],
+            "dtype": r["dtype"],
+            "target": r["target"],
+            "config": "/".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N") if k in c)
+            + f" w{c['num_warps']} s{c['num_stages']}",
+            "shared_kb": None if r.get("shared") is None else round(r["shared"] / 1024, 1),
+            "registers": r.get("registers"),
+            "spill_bytes": None if r.get("spill_store_bytes") is None
+            else r["spill_store_bytes"] + r["spill_load_bytes"],
+            "tensor_cores": r.get("tensor_cores"),
+            "error": r["error"],
+        })
+    print(common.format_table(
+        rows, ["kernel", "case", "dtype", "target", "config", "shared_kb", "registers", "spill_bytes",
+               "tensor_cores", "error"],
+    ))
+    spilling = sorted({(r["kernel"], r["config"], r["target"], r["dtype"]) for r in rows if r["spill_bytes"]})
+    print(f"\n{len(rows)} compilations, {sum(bool(r['error']) for r in rows)} failed; "
+          f"{len(spilling)} (kernel, config, target, dtype) spill registers")
+    for kernel, config, target, dtype in spilling:
+        print(f"  spills: {kernel} {config} {target} {dtype}")
+    payload = {
+        "machine": common.machine_info(torch.device("cpu")),
+        "targets": {name: {"cc": cc, "shared_limit_bytes": limit} for name, (cc, limit) in aot.TARGETS.items()},
+        "rows": rows,
+        "records": records,
+    }
+    stem = common.RESULTS_DIR / "kernels_aot"
+    json_path = common.write_json(stem.with_suffix(".json"), payload)
+    png_path = common.write_figure(stem.with_suffix(".png"), plot_aot(rows))
+    print(f"\nwrote {json_path}\nwrote {png_path}")
+    return payload
+
+
+def plot_aot(rows: list[dict]):
+    """Largest shared memory and register count of each (kernel, config) per target, bf16."""
+    fig, axes = common.new_figure(ncols=2, width=8.0)
+    for ax, key, title in ((axes[0][0], "shared_kb", "shared memory per block (KB)"),
+                           (axes[0][1], "registers", "registers per thread")):
+        for offset, target in ((-0.2, "sm_80"), (0.2, "sm_90")):
+            best: dict[str, float] = {}
+            for r in rows:
+                if r["target"] == target and r["dtype"] == "bf16" and r[key] is not None:
+                    label = f"{r['kernel']} {r['config']}"
+                    best[label] = max(best.get(label, 0), r[key])
+            labels = sorted(best)
+            ax.barh([i + offset for i in range(len(labels))], [best[k] for k in labels], height=0.4, label=target)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_title(f"{title}, bf16, max over variants")
+        ax.legend()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--aot", action="store_true",
+                        help="no GPU needed: compile for sm_80/sm_90 and report shared memory, registers, spills")
+    parser.add_argument("--workers", type=int, default=None, help="with --aot: compile processes (default: cores)")
+    args = parser.parse_args(argv)
+    if args.aot:
+        aot_report(args.workers)
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks.kernels needs a CUDA GPU (it times Triton kernels against SDPA flash); none found.")
         return 0

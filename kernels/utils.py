@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
+import triton
 
 # Triton decides at decoration time whether `@triton.jit` functions run in its CPU interpreter, so
 # the flag is read once, when this package is imported (set TRITON_INTERPRET=1 before that).
@@ -22,6 +26,58 @@ SINGLE_CONFIG = INTERPRET or "pytest" in sys.modules
 POISON_NEW_BUFFERS = False
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autotuned(fn, production: list[triton.Config], single: list[triton.Config], key: list[str]):
+    """`triton.autotune` over `production`, or over the one config `single` under SINGLE_CONFIG.
+
+    The production space stays reachable as `.production_configs` whatever mode the package was
+    imported in: the ahead-of-time compile test and `benchmarks.kernels --aot` compile all of it.
+    """
+    tuner = triton.autotune(configs=single if SINGLE_CONFIG else production, key=key)(fn)
+    tuner.production_configs = production
+    return tuner
+
+
+@dataclass
+class Launch:
+    """One kernel launch exactly as a launcher makes it: the only way the launchers start kernels.
+
+    `args` are the kernel's runtime arguments in order, `constexprs` its keyword arguments
+    (constexprs, plus `num_warps` / `num_stages` for kernels that are not autotuned). Under
+    `capture_launches()` the launch is recorded instead of run, which is how the ahead-of-time
+    compile (`melt_kernels.aot`) gets every kernel's signature from the launchers themselves.
+    """
+
+    kernel: Any  # a JITFunction, or an Autotuner made by `autotuned`
+    grid: tuple | Callable
+    args: tuple
+    constexprs: dict = field(default_factory=dict)
+
+
+_captured: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record the launches of the launchers called inside the block instead of running them.
+
+    Meant for `meta` tensors: the launchers allocate and slice as usual, nothing executes.
+    """
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict) -> None:
+    """Launch `kernel[grid](*args, **constexprs)`, or record it under `capture_launches()`."""
+    if _captured is not None:
+        _captured.append(Launch(kernel, grid, tuple(args), dict(constexprs)))
+        return
+    kernel[grid](*args, **constexprs)
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -5,16 +5,20 @@ P prefix rows (already final, read in place from the cache) followed by the chun
 bottom-right aligned: query i sees every prefix row and chunk rows 0..i. `key_mask` ([B, P + C], True =
 visible) carries padding and per-sequence chunk boundaries. A query with no visible key returns zeros.
 
-Backends, chosen per call:
-- "triton": this project's kernels (`kernels/chunk_attention`, installed as `melt_kernels`); default on CUDA.
-- "flash": flash-attn, an optional extra, used when installed and the call has no key mask.
-- "sdpa": torch's scaled_dot_product_attention. SDPA cannot return its log-sum-exp, so with a prefix
-  (P > 0) it could only attend by concatenating the prefix with the chunk; that copy is what MELT
-  avoids, and the call goes to "eager" instead.
+Backends:
+- "triton": this project's kernels (`kernels/chunk_attention`, installed as `melt_kernels`); serves every call.
+- "flash": flash-attn, an optional extra: CUDA fp16/bf16 calls with no key mask and no prefix lengths, and with a
+  prefix only without autograd (prefix and chunk are attended separately and merged by their log-sum-exp, whose
+  gradient flash-attn's backward ignores: training through the merge would get wrong gradients).
+- "sdpa": torch's scaled_dot_product_attention, calls without a prefix (P = 0). SDPA cannot return its
+  log-sum-exp, so over a prefix it could only attend by concatenating the prefix with the chunk, the copy
+  MELT exists to avoid.
 - "eager": plain PyTorch. Scores against the prefix and against the chunk are computed from the rows
-  where they live and softmaxed jointly in fp32; it is the reference and works with autograd everywhere.
-"auto" picks triton on CUDA when the kernels import, else sdpa. `MELT_ATTENTION_BACKEND` (environment)
-overrides the config's `attention_backend`; tests force one with `override_backend`.
+  where they live and softmaxed jointly in fp32; it is the reference and serves every call, with autograd.
+"auto" is triton on CUDA when the kernels import; elsewhere it picks per call: sdpa without a prefix, eager
+with one. A forced backend that cannot serve a call raises a ValueError naming it and what to use instead;
+it never silently runs another one. `MELT_ATTENTION_BACKEND` (environment) overrides the config's
+`attention_backend`; tests force one with `override_backend`.
 """
 
 from __future__ import annotations
@@ -55,12 +59,16 @@ def override_backend(name: str):
 
 
 def resolve_backend(configured: str, device: torch.device) -> str:
-    """The backend a call on `device` uses: override > environment > config > automatic choice."""
+    """The backend calls on `device` use: override > environment > config > automatic choice.
+
+    "auto" becomes "triton" on CUDA when the kernels import, and stays "auto" elsewhere: `chunk_attention`
+    then picks sdpa or eager per call.
+    """
     name = _override or os.environ.get("MELT_ATTENTION_BACKEND") or configured
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (MELT_ATTENTION_BACKEND or config); choose one of {BACKENDS}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_chunk_attention is not None else "sdpa"
+        return "triton" if device.type == "cuda" and triton_chunk_attention is not None else "auto"
     if name == "triton" and triton_chunk_attention is None:
         raise ImportError("attention backend 'triton' needs the melt_kernels package (pip install melt)")
     if name == "flash" and flash_attn_func is None:
@@ -69,32 +77,79 @@ def resolve_backend(configured: str, device: torch.device) -> str:
 
 
 def chunk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor | None,
-    v_prefix: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     backend: str,
+    *,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q `[B, H, C, D]` over prefix rows `[B, Hkv, P, D]` then chunk rows `[B, Hkv, C, D]`.
 
     Returns `[B, H, C, D]`. `key_mask`: bool `[B, P + C]` or None. The prefix may be a strided view of a
     larger cache buffer; no backend copies it.
+    `prefix_lengths`: int tensor `[B]` on the device of q, or None: prefix row j of sequence b is visible only
+    if j < prefix_lengths[b] (and key_mask, whose width stays P + C, allows it). With it the prefix may be a
+    whole preallocated buffer `[B, Hkv, S, D]`; the lengths are never read on the host (no sync), so a decode
+    step can be captured: the Triton kernels skip the key blocks past each length, the eager path masks them
+    with fixed shapes (`torch.compile(fullgraph=True)` traces it).
     """
     prefix_len = 0 if k_prefix is None else k_prefix.shape[2]
     if prefix_len == 0:
-        k_prefix = v_prefix = None
+        k_prefix = v_prefix = prefix_lengths = None
+    if backend == "auto":
+        backend = "sdpa" if prefix_len == 0 else "eager"
     if backend == "triton":
-        return triton_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask=key_mask)
-    if backend == "flash" and key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash(q, k, v, k_prefix, v_prefix)
-    if backend in ("sdpa", "flash") and prefix_len == 0:
+        return triton_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask=key_mask, prefix_lengths=prefix_lengths)
+    if backend == "eager":
+        return eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths)
+    if backend == "sdpa":
+        if prefix_len:
+            raise ValueError(
+                f"attention backend 'sdpa' cannot attend over prefix rows (P = {prefix_len}): SDPA returns no "
+                "log-sum-exp, so it would have to concatenate the prefix with the chunk. Use 'triton' (CUDA), "
+                "'eager', or 'auto' (sdpa without a prefix, eager with one)."
+            )
         return _sdpa(q, k, v, key_mask)
-    return eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask)
+    if backend == "flash":
+        reasons = _flash_cannot_serve(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths)
+        if reasons:
+            raise ValueError(
+                f"attention backend 'flash' cannot serve this call: {'; '.join(reasons)}. "
+                "Use 'triton' (CUDA), 'eager', or 'auto'."
+            )
+        return _flash(q, k, v, k_prefix, v_prefix)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask) -> torch.Tensor:
+def _flash_cannot_serve(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths) -> list[str]:
+    """Why the flash-attn path cannot serve a call (empty when it can)."""
+    reasons = []
+    if flash_attn_func is None:
+        reasons.append("flash-attn is not installed (pip install 'melt[cuda]')")
+    if not q.is_cuda:
+        reasons.append(f"it runs on CUDA only (got {q.device.type} tensors)")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"it takes float16/bfloat16 only (got {q.dtype})")
+    if key_mask is not None:
+        reasons.append("it takes no key mask (padding or per-sequence chunk boundaries)")
+    if prefix_lengths is not None:
+        reasons.append("it takes no per-sequence prefix_lengths")
+    tensors = (q, k, v, k_prefix, v_prefix)
+    if k_prefix is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors if t is not None):
+        reasons.append(
+            "a prefix under autograd: prefix and chunk are merged by flash-attn's log-sum-exp, whose gradient "
+            "flash-attn's backward ignores, so the gradients would be wrong"
+        )
+    return reasons
+
+
+def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths=None) -> torch.Tensor:
+    """Plain PyTorch `chunk_attention`, softmax in fp32 over scores computed where the rows live.
+
+    Shapes as `chunk_attention`. Every mask is built from tensor shapes and device tensors only (no
+    data-dependent branch), so `torch.compile(fullgraph=True)` traces it with `prefix_lengths`.
+    """
     batch, heads, chunk, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -108,6 +163,10 @@ def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask) -> torch.Tensor
     scores = torch.cat(scores, dim=-1).view(batch, kv_heads, group, chunk, prefix_len + chunk)
     causal = torch.ones(chunk, prefix_len + chunk, dtype=torch.bool, device=q.device).tril(prefix_len)
     visible = causal if key_mask is None else causal & key_mask[:, None, None, None, :]
+    if prefix_lengths is not None and prefix_len:
+        exists = torch.arange(prefix_len, device=q.device) < prefix_lengths[:, None]  # [B, P]
+        exists = torch.cat([exists, exists.new_ones(batch, chunk)], dim=1)  # [B, P + C]: chunk rows always exist
+        visible = visible & exists[:, None, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key: zeros
     probs = probs.view(batch, kv_heads, group * chunk, prefix_len + chunk)
@@ -147,7 +206,8 @@ def _flash(q, k, v, k_prefix, v_prefix) -> torch.Tensor:
 
 def gated_update(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor, backend: str):
     """Element-wise gate: `z = sigmoid(ga + gs + b)`, `s' = z * s + (1 - z) * a`; one fused pass with "triton"
-    (the kernel itself falls back to its reference on CPU outside the Triton interpreter)."""
+    (the kernel itself falls back to its reference on CPU outside the Triton interpreter). Every other
+    backend, "auto" off CUDA included, runs the plain PyTorch lines."""
     if backend == "triton" and a.dtype != torch.float64:
         return triton_gated_update(a, s, ga, gs, b)
     z = torch.sigmoid(ga + gs + b)

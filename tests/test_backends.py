@@ -33,7 +33,9 @@ def setup():
     return model, ids, mask, _run(model, ids, mask, "eager")
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+# "auto" on CPU is sdpa for calls without a prefix and eager for the others; forcing "sdpa" on this model (chunks
+# of 3 over 7 tokens: prefix rows from the second chunk on) raises instead, see test_forced_backend_refusals.
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_backends_agree_on_logits_and_gradients(setup, backend, monkeypatch):
     from melt_kernels.chunk_attention import triton_impl
 
@@ -64,7 +66,7 @@ def test_triton_backend_cached_decode_matches_eager():
 
 def test_backend_choice_override_environment_and_errors(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "sdpa"
+    assert resolve_backend("auto", cpu) == "auto"  # chosen per call: sdpa without a prefix, eager with one
     assert resolve_backend("eager", cpu) == "eager"
     monkeypatch.setenv("MELT_ATTENTION_BACKEND", "triton")
     assert resolve_backend("eager", cpu) == "triton"
@@ -95,3 +97,144 @@ def test_gpu_bf16_triton_matches_eager_model():
         with override_backend("triton"):
             out = model(ids).logits.float()
     assert ((out - ref).norm() / ref.norm()) < 2e-2
+
+
+# per-sequence prefix lengths through the entry point --------------------------------------------------------------
+
+
+def _attention_inputs(B=3, H=4, Hkv=2, C=2, S=9, D=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, C, D, generator=gen) for h in (H, Hkv, Hkv))
+    k_buf, v_buf = (torch.randn(B, Hkv, S, D, generator=gen) for _ in range(2))
+    key_mask = torch.rand(B, S + C, generator=gen) > 0.2
+    key_mask[:, S:] = True
+    return q, k, v, k_buf, v_buf, key_mask
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_prefix_lengths_equal_truncated_prefix_per_sequence(backend):
+    from melt.attention import chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+    S = k_buf.shape[2]
+    lengths = torch.tensor([0, 4, S])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, k_buf, v_buf)]
+    out = chunk_attention(*leaves, key_mask, backend, prefix_lengths=lengths)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    full = chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend, prefix_lengths=torch.full((3,), S))
+    assert (full - chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend)).abs().max() < 1e-5
+    for b, n in enumerate(lengths.tolist()):
+        ref_leaves = [t[b : b + 1].clone().requires_grad_() for t in (q, k, v)]
+        ref_leaves += [t[b : b + 1, :, :n].clone().requires_grad_() for t in (k_buf, v_buf)]
+        mask_b = torch.cat([key_mask[b : b + 1, :n], key_mask[b : b + 1, S:]], dim=1)
+        ref = chunk_attention(*ref_leaves, mask_b, "eager")
+        assert torch.allclose(out[b : b + 1], ref, atol=1e-5, rtol=0)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, upstream[b : b + 1], allow_unused=True, materialize_grads=True)
+        for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+            g = g[b : b + 1]
+            if i >= 3:  # prefix buffers: the rows past the length get no gradient
+                assert torch.equal(g[:, :, n:], torch.zeros_like(g[:, :, n:]))
+                g = g[:, :, :n]
+            assert torch.allclose(g, rg, atol=1e-5, rtol=0)
+
+
+def test_eager_prefix_lengths_compile_fullgraph():
+    from melt.attention import chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+
+    def step(q, k, v, k_buf, v_buf, key_mask, lengths):
+        return chunk_attention(q, k, v, k_buf, v_buf, key_mask, "eager", prefix_lengths=lengths)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    lengths = torch.tensor([0, 4, 9])
+    assert (compiled(q, k, v, k_buf, v_buf, key_mask, lengths) - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+    # New lengths are data, not shapes: the same graph serves them.
+    lengths = torch.tensor([3, 3, 1])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = compiled(q, k, v, k_buf, v_buf, key_mask, lengths)
+    assert (out - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+
+
+# forced backends serve a call or refuse it; "auto" chooses ----------------------------------------------------------
+
+
+def test_forced_sdpa_serves_calls_without_prefix_and_refuses_a_prefix():
+    from melt.attention import chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+    chunk_mask = key_mask[:, k_buf.shape[2]:]
+    eager = chunk_attention(q, k, v, None, None, chunk_mask, "eager")
+    assert torch.allclose(chunk_attention(q, k, v, None, None, chunk_mask, "sdpa"), eager, atol=1e-5)
+    # an empty prefix is no prefix
+    empty = k_buf[:, :, :0]
+    assert torch.allclose(chunk_attention(q, k, v, empty, empty, chunk_mask, "sdpa"), eager, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'sdpa' cannot attend over prefix rows \(P = 9\).*'eager'.*'auto'"):
+        chunk_attention(q, k, v, k_buf, v_buf, key_mask, "sdpa")
+
+
+def test_auto_picks_per_call_off_cuda(monkeypatch):
+    import melt.attention as attention
+
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+    calls = []
+    for name in ("_sdpa", "eager_chunk_attention"):
+        original = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _n=name, _f=original, **kw: calls.append(_n) or _f(*a, **kw))
+    chunk_mask = key_mask[:, k_buf.shape[2]:]
+    attention.chunk_attention(q, k, v, None, None, chunk_mask, "auto")
+    out = attention.chunk_attention(q, k, v, k_buf, v_buf, key_mask, "auto")
+    assert calls == ["_sdpa", "eager_chunk_attention"]
+    assert torch.equal(out, attention.eager_chunk_attention(q, k, v, k_buf, v_buf, key_mask))
+
+
+def _fake_flash(*args, **kwargs):
+    raise AssertionError("a refused call must not reach flash-attn")
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("cpu", "runs on CUDA only"),
+        ("fp32", "float16/bfloat16 only"),
+        ("key-mask", "no key mask"),
+        ("lengths", "no per-sequence prefix_lengths"),
+        ("prefix-grad", "prefix under autograd.*gradient flash-attn's backward ignores"),
+    ],
+)
+def test_forced_flash_refuses_what_it_cannot_serve(case, match, monkeypatch):
+    import melt.attention as attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", _fake_flash)
+    q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
+    kwargs = {}
+    mask = None
+    if case == "key-mask":
+        mask = key_mask
+    elif case == "lengths":
+        kwargs["prefix_lengths"] = torch.tensor([1, 2, 3])
+    elif case == "prefix-grad":
+        q.requires_grad_()
+    with pytest.raises(ValueError, match=f"attention backend 'flash' cannot serve this call: .*{match}.*Use 'triton'"):
+        attention.chunk_attention(q, k, v, k_buf, v_buf, mask, "flash", **kwargs)
+
+
+def test_forced_flash_refuses_a_prefix_only_under_autograd(monkeypatch):
+    import melt.attention as attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", _fake_flash)
+    q, k, v, k_buf, v_buf, _ = _attention_inputs()
+    q.requires_grad_()
+    with torch.no_grad(), pytest.raises(ValueError) as refused:  # refused here for CPU/fp32 only
+        attention.chunk_attention(q, k, v, k_buf, v_buf, None, "flash")
+    assert "autograd" not in str(refused.value)
+
+
+def test_forced_flash_without_flash_attn_says_so(monkeypatch):
+    import melt.attention as attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    q, k, v, _, _, _ = _attention_inputs()
+    with pytest.raises(ValueError, match="flash-attn is not installed"):
+        attention.chunk_attention(q, k, v, None, None, None, "flash")

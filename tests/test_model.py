@@ -431,13 +431,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_eager_and_sdpa_backends_agree():
-    model = tiny_model(chunk_size=4)
+    # One chunk spans the batch, so no call has prefix rows: the calls "sdpa" serves (it refuses a prefix).
+    model = tiny_model(chunk_size=16)
     ids, mask = _left_pad([torch.randint(1, 61, (n,)) for n in (10, 6)])
     with override_backend("eager"):
         eager = model(ids, attention_mask=mask).logits
     with override_backend("sdpa"):
         sdpa = model(ids, attention_mask=mask).logits
     assert max_diff(eager, sdpa) < ATOL
+    with override_backend("sdpa"), pytest.raises(ValueError, match="'sdpa' cannot attend over prefix rows"):
+        tiny_model(chunk_size=4)(ids, attention_mask=mask)
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,16 @@ def naive_chunk_attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk's C queries over [prefix rows | chunk rows], computed in fp32.
 
     Query i of the chunk (0..C-1) sees every prefix key and the chunk keys j <= i (bottom-right
     causal: query i sits at position P + i of the P + C keys), minus the keys that `key_mask`
-    switches off. Query head h reads kv head h // (H // Hkv). A query with no visible key outputs
-    zeros, has log-sum-exp -inf, and receives (and passes back) zero gradient.
+    switches off and, with `prefix_lengths`, the prefix rows j >= prefix_lengths[b] of sequence b.
+    Query head h reads kv head h // (H // Hkv). A query with no visible key outputs zeros, has
+    log-sum-exp -inf, and receives (and passes back) zero gradient.
 
     Args:
         q: [B, H, C, D] queries.
@@ -30,6 +33,8 @@ def naive_chunk_attention(
             or None.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the natural-log log-sum-exp of the scaled scores.
+        prefix_lengths: [B] int, prefix rows of each sequence that exist (the rest of the P-row
+            prefix tensor is ignored), or None (all P).
 
     Returns:
         o: [B, H, C, D] in the dtype of q; with return_lse, (o, lse) where lse is [B, H, C] fp32.
@@ -52,6 +57,9 @@ def naive_chunk_attention(
         # Scores of the prefix keys: [B, H, C, P], every query sees every prefix row.
         scores_prefix = torch.einsum("bhid,bhjd->bhij", qf, per_query_head(k_prefix)) * scale
         allowed_prefix = torch.ones(B, 1, C, P, dtype=torch.bool, device=q.device)
+        if prefix_lengths is not None:
+            exists = torch.arange(P, device=q.device)[None, :] < prefix_lengths[:, None]  # [B, P]
+            allowed_prefix = allowed_prefix & exists[:, None, None, :]
         scores = torch.cat([scores_prefix, scores_chunk], dim=-1)  # [B, H, C, P + C]
         allowed = torch.cat([allowed_prefix, allowed_chunk], dim=-1)  # [B, 1, C, P + C]
     else:

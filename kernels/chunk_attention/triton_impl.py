@@ -49,46 +49,123 @@ MAX_SPLITS = 128
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 
-# Autotune spaces, keyed on head_dim, flags and (implicitly, by Triton) the tensor dtypes.
+# Autotune spaces, keyed on head_dim, flags and (implicitly, by Triton) the tensor dtypes: the
+# production spaces, compiled ahead of time for sm_80 and sm_90 by tests/kernels/test_compile.py.
 # Exactly one config under the interpreter or pytest (see utils.SINGLE_CONFIG); the interpreter's
 # tiles are small so that the tests cover ragged query and key tiles and several tiles per loop.
-if utils.SINGLE_CONFIG:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _FWD_DECODE_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+def _configs(*spaces: tuple[int, int, int, int]) -> list[triton.Config]:
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+        for m, n, warps, stages in spaces
     ]
-    _FWD_DECODE_CONFIGS = [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+
+
+FWD_CONFIGS = _configs((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2))
+FWD_DECODE_CONFIGS = _configs((16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 2))
+BWD_DKDV_CONFIGS = _configs((32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2))
+BWD_DQ_CONFIGS = _configs((128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2))
+
+
+def _fp32_space(configs: list[triton.Config]) -> list[triton.Config]:
+    """The space of fp32 launches: the same configs with half the key tile.
+
+    fp32 tiles take twice the bytes of fp16/bf16 ones; at head_dim 128, five of the configs above
+    need 176-272 KB of shared memory in fp32, over the 163 KB an A100 block may use (found by the
+    ahead-of-time compile test, tests/kernels/test_compile.py). Halving BLOCK_N brings every one
+    under it.
+    """
+    return [
+        triton.Config({**c.kwargs, "BLOCK_N": c.kwargs["BLOCK_N"] // 2}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in configs
     ]
-    _BWD_DKDV_CONFIGS = [
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    ]
-    _BWD_DQ_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ]
+
+
+def _tuners(kernel, production: list[triton.Config], single: list[triton.Config], key: list[str]) -> dict:
+    """{launch is fp32: autotuner}: `production` for fp16/bf16, `_fp32_space(production)` for fp32."""
+    return {
+        False: utils.autotuned(kernel, production, single, key),
+        True: utils.autotuned(kernel, _fp32_space(production), single, key),
+    }
+
+
 _PREPROCESS_BLOCK_M = 32
 # Split boundaries fall on multiples of the largest key tile, so no tile straddles two splits.
-_SPLIT_ALIGN = max(c.kwargs["BLOCK_N"] for c in _FWD_CONFIGS + _FWD_DECODE_CONFIGS)
+_SPLIT_ALIGN = max(c.kwargs["BLOCK_N"] for c in FWD_CONFIGS + FWD_DECODE_CONFIGS)
 # The split heuristic runs before autotuning picks a query tile; it assumes the largest one.
-_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS)
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in FWD_CONFIGS)
 
 
 def _dot_precision(dtype: torch.dtype) -> str | None:
     # fp32 inputs get exact fp32 dots (no TF32 truncation); fp16/bf16 inputs keep Triton's default.
     return "ieee" if dtype == torch.float32 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up shared by every kernel: program ids, row tiles, key visibility
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _batch_and_head(pid, HEADS):
+    """(b, head) of a program id over B * HEADS, as int64: offsets into a long cache exceed 2**31."""
+    return (pid // HEADS).to(tl.int64), (pid % HEADS).to(tl.int64)
+
+
+@triton.jit
+def _query_tile(Q, stride_qb, stride_qh, stride_qm, H, GROUP, C, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The query tile of a program over (query tile, b * H): (b, h, kv head, row offsets, q rows)."""
+    off_b, off_h = _batch_and_head(tl.program_id(1), H)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, C, HEAD_DIM)
+    return off_b, off_h, off_h // GROUP, offs_m, q
+
+
+@triton.jit
+def _prefix_end(PrefixLen, off_b, P, HAS_LENGTHS: tl.constexpr):
+    """Prefix rows of sequence b that exist: P, or prefix_lengths[b] clamped to [0, P].
+
+    Read on the device: a decode step with per-sequence lengths needs no host sync.
+    """
+    p_end = P
+    if HAS_LENGTHS:
+        p_end = tl.minimum(tl.maximum(tl.load(PrefixLen + off_b).to(tl.int32), 0), P)
+    return p_end
+
+
+@triton.jit
+def _load_rows(Base, offs, stride, n, HEAD_DIM: tl.constexpr):
+    """[len(offs), HEAD_DIM] tile of rows `offs` of one (b, head) segment; rows >= n read as 0."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(Base + offs[:, None] * stride + offs_d[None, :], mask=(offs < n)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(Base, offs, stride, n, x, HEAD_DIM: tl.constexpr):
+    """Store tile `x` as rows `offs` (< n) of one (b, head) segment, in the destination's dtype."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(Base + offs[:, None] * stride + offs_d[None, :], x.to(Base.dtype.element_ty), mask=(offs < n)[:, None])
+
+
+@triton.jit
+def _keys_on(KeyMask, stride_mj, offs_n, n, HAS_MASK: tl.constexpr):
+    """Which keys `offs_n` of a segment exist (< n) and are not switched off by the key mask."""
+    on = offs_n < n
+    if HAS_MASK:
+        on = on & (tl.load(KeyMask + offs_n * stride_mj, mask=on, other=0) != 0)
+    return on
+
+
+@triton.jit
+def _visible(KeyMask, stride_mj, offs_m, offs_n, n, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Query i sees key j of a segment: the key exists and is on, and j <= i in the (causal) chunk.
+
+    [BLOCK_M, BLOCK_N] when CAUSAL, else [1, BLOCK_N] (the same for every query: broadcast).
+    """
+    visible = _keys_on(KeyMask, stride_mj, offs_n, n, HAS_MASK)[None, :]
+    if CAUSAL:
+        visible = visible & (offs_m[:, None] >= offs_n[None, :])
+    return visible
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,18 +185,11 @@ def _attn_fwd_inner(
 
     K, V, KeyMask point at key 0 of the segment for this (b, kv head). Scores are in base 2.
     """
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < hi
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_rows(K, offs_n, stride_kn, hi, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        visible = in_range[None, :]
-        if HAS_MASK:
-            key_ok = tl.load(KeyMask + offs_n * stride_mj, mask=in_range, other=0) != 0
-            visible = visible & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        visible = _visible(KeyMask, stride_mj, offs_m, offs_n, hi, CAUSAL, HAS_MASK)
         qk = tl.where(visible, qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -129,7 +199,7 @@ def _attn_fwd_inner(
         p = tl.exp2(qk - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = _load_rows(V, offs_n, stride_vn, hi, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -137,7 +207,7 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, KP, VP, KeyMask, O, LSE,
+    Q, K, V, KP, VP, KeyMask, PrefixLen, O, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -147,30 +217,25 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_om,
     stride_lb, stride_lh, stride_ls,
     H, C, P, GROUP, SPLIT_LEN, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    off_b, off_h, off_hkv, offs_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qm, H, GROUP, C, BLOCK_M, HEAD_DIM)
     start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
-    # int64 bases: batch/head offsets into a long cache exceed 2**31 elements.
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=(offs_m < C)[:, None], other=0.0,
-    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # This program's keys, as indices into [prefix | chunk] (all P + C keys when unsplit).
-    key_start = pid_s * SPLIT_LEN
-    key_end = tl.minimum(key_start + SPLIT_LEN, P + C)
+    # This program's keys, as indices into [existing prefix rows | chunk] (all of them when
+    # unsplit). Prefix rows at or past the sequence's length are never loaded; with lengths, each
+    # sequence spreads its own p_end + C keys over the splits.
+    p_end = _prefix_end(PrefixLen, off_b, P, HAS_LENGTHS)
+    split_len = SPLIT_LEN
+    if HAS_LENGTHS:
+        split_len = tl.cdiv(tl.cdiv(p_end + C, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    key_start = pid_s * split_len
+    key_end = tl.minimum(key_start + split_len, p_end + C)
     mask_row = KeyMask + off_b * stride_mb
 
     acc, l_i, m_i = _attn_fwd_inner(
@@ -178,30 +243,28 @@ def _attn_fwd_kernel(
         KP + off_b * stride_kpb + off_hkv * stride_kph,
         VP + off_b * stride_vpb + off_hkv * stride_vph,
         mask_row, stride_kpn, stride_vpn, stride_mj,
-        tl.minimum(key_start, P), tl.minimum(key_end, P), offs_m, qk_scale,
+        tl.minimum(key_start, p_end), tl.minimum(key_end, p_end), offs_m, qk_scale,
         HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION,
     )
-    # Chunk key j is key P + j overall; no query of this tile sees chunk keys past its last row.
+    # Chunk key j is key p_end + j here (column P + j of the key mask); no query of this tile sees
+    # chunk keys past its last row.
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q,
         K + off_b * stride_kb + off_hkv * stride_kh,
         V + off_b * stride_vb + off_hkv * stride_vh,
         mask_row + P * stride_mj, stride_kn, stride_vn, stride_mj,
-        tl.maximum(key_start - P, 0), tl.minimum(key_end - P, start_m + BLOCK_M), offs_m, qk_scale,
+        tl.maximum(key_start - p_end, 0), tl.minimum(key_end - p_end, start_m + BLOCK_M), offs_m, qk_scale,
         HEAD_DIM, BLOCK_N, True, HAS_MASK, DOT_PRECISION,
     )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    in_rows = offs_m < C
-    tl.store(
-        O + off_b * stride_ob + off_h * stride_oh + pid_s * stride_os
-        + offs_m[:, None] * stride_om + offs_d[None, :],
-        o.to(O.dtype.element_ty), mask=in_rows[:, None],
+    _store_rows(
+        O + off_b * stride_ob + off_h * stride_oh + pid_s * stride_os, offs_m, stride_om, C,
+        acc / l_safe[:, None], HEAD_DIM,
     )
-    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + pid_s * stride_ls + offs_m, lse, mask=in_rows)
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + pid_s * stride_ls + offs_m, lse, mask=offs_m < C)
 
 
 @triton.jit
@@ -216,9 +279,7 @@ def _attn_combine_kernel(
 ):
     """Merge the per-split (o, lse) of one query row: o = sum_s exp(lse_s - lse) o_s."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    off_b, off_h = _batch_and_head(tl.program_id(1), H)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     in_splits = offs_s < NUM_SPLITS
@@ -232,11 +293,9 @@ def _attn_combine_kernel(
     lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     w = tl.exp(lse_s - lse_ref)
     total = tl.sum(w, 0)
-    o_s = tl.load(
-        OPart + off_b * stride_pb + off_h * stride_ph + offs_s[:, None] * stride_ps
-        + pid_m * stride_pm + offs_d[None, :],
-        mask=in_splits[:, None], other=0.0,
-    )
+    # The splits of one query row are rows of a [NUM_SPLITS, HEAD_DIM] segment.
+    o_s = _load_rows(OPart + off_b * stride_pb + off_h * stride_ph + pid_m * stride_pm, offs_s, stride_ps,
+                     NUM_SPLITS, HEAD_DIM)
     total_safe = tl.where(total == 0.0, 1.0, total)
     o = tl.sum(w[:, None] * o_s, 0) / total_safe
     lse = tl.where(total == 0.0, float("-inf"), lse_ref + tl.log(total_safe))
@@ -244,8 +303,10 @@ def _attn_combine_kernel(
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + pid_m, lse)
 
 
-_attn_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["HEAD_DIM", "HAS_MASK"])(_attn_fwd_kernel)
-_attn_fwd_decode = triton.autotune(configs=_FWD_DECODE_CONFIGS, key=["HEAD_DIM", "HAS_MASK"])(_attn_fwd_kernel)
+_attn_fwd = _tuners(_attn_fwd_kernel, FWD_CONFIGS, _configs((32, 32, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"])
+_attn_fwd_decode = _tuners(
+    _attn_fwd_kernel, FWD_DECODE_CONFIGS, _configs((16, 32, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"]
+)
 
 
 def _default_num_splits(batch_heads: int, C: int, num_keys: int, device: torch.device) -> int:
@@ -267,15 +328,21 @@ def _bhn_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _mask_arg(key_mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(pointer, (batch stride, key stride)) of the key mask as bytes; any valid pointer without one."""
+    if key_mask is None:
+        return fallback, (0, 0)
+    mask_u8 = key_mask.view(torch.uint8)
+    return mask_u8, (mask_u8.stride(0), mask_u8.stride(1))
+
+
 def chunk_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor | None,
-    v_prefix: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     scale: float,
     num_splits: int | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernels. Not differentiable (see `chunk_attention(return_lse=True)`).
 
@@ -284,8 +351,11 @@ def chunk_attention_fwd(
             all with stride 1 in the last dim (other strides arbitrary: read in place).
         key_mask: [B, P + C] bool or None.
         scale: softmax scale.
-        num_splits: key splits (flash-decoding). None: `_default_num_splits`. The count actually
-            launched may be lower: splits are whole multiples of the largest key tile.
+        num_splits: key splits (flash-decoding). None: `_default_num_splits` over P + C keys. The
+            count actually launched may be lower: splits are whole multiples of the largest key
+            tile. With `prefix_lengths` each sequence divides its own keys among the splits.
+        prefix_lengths: [B] int32/int64 on the device of q, or None: rows of the prefix that exist
+            per sequence (read by the kernel, clamped to [0, P]); key blocks past them are skipped.
 
     Returns:
         o: [B, H, C, D] in the dtype of q, allocated as a [B, C, H, D] buffer seen through a
@@ -304,9 +374,8 @@ def chunk_attention_fwd(
     lse = utils.new_empty((B, H, C), torch.float32, q.device)
     if B * H * C == 0:
         return o, lse
-    has_mask = key_mask is not None
-    mask_u8 = key_mask.view(torch.uint8) if has_mask else q
-    mask_strides = (mask_u8.stride(0), mask_u8.stride(1)) if has_mask else (0, 0)
+    mask, mask_strides = _mask_arg(key_mask, q)
+    lengths = q if prefix_lengths is None else prefix_lengths
 
     num_keys = P + C
     if num_splits is None:
@@ -322,27 +391,36 @@ def chunk_attention_fwd(
         lse_dst = utils.new_empty((B, H, num_splits, C), torch.float32, q.device)
         o_split_stride, lse_split_stride = o_dst.stride(2), lse_dst.stride(2)
 
-    kernel = _attn_fwd_decode if C <= DECODE_MAX_C else _attn_fwd
-    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_M"]), B * H, num_splits)  # noqa: E731
-    kernel[grid](
-        q, k, v, k_prefix, v_prefix, mask_u8, o_dst, lse_dst,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
-        *_bhn_strides(k_prefix), *_bhn_strides(v_prefix),
-        *mask_strides,
-        o_dst.stride(0), o_dst.stride(1), o_split_stride, o_dst.stride(-2),
-        lse_dst.stride(0), lse_dst.stride(1), lse_split_stride,
-        H, C, P, H // Hkv, split_len, scale * LOG2E,
-        HEAD_DIM=D, HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q.dtype),
+    utils.launch(
+        (_attn_fwd_decode if C <= DECODE_MAX_C else _attn_fwd)[q.dtype == torch.float32],
+        lambda meta: (triton.cdiv(C, meta["BLOCK_M"]), B * H, num_splits),
+        (
+            q, k, v, k_prefix, v_prefix, mask, lengths, o_dst, lse_dst,
+            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v),
+            *_bhn_strides(k_prefix), *_bhn_strides(v_prefix),
+            *mask_strides,
+            o_dst.stride(0), o_dst.stride(1), o_split_stride, o_dst.stride(-2),
+            lse_dst.stride(0), lse_dst.stride(1), lse_split_stride,
+            H, C, P, H // Hkv, split_len, scale * LOG2E,
+        ),
+        dict(
+            HEAD_DIM=D, HAS_MASK=key_mask is not None, HAS_LENGTHS=prefix_lengths is not None,
+            DOT_PRECISION=_dot_precision(q.dtype),
+        ),
     )
     if num_splits > 1:
-        _attn_combine_kernel[(C, B * H)](
-            o_dst, lse_dst, o, lse,
-            o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), o_dst.stride(3),
-            lse_dst.stride(0), lse_dst.stride(1), lse_dst.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            lse.stride(0), lse.stride(1),
-            H, num_splits,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits),
+        utils.launch(
+            _attn_combine_kernel,
+            (C, B * H),
+            (
+                o_dst, lse_dst, o, lse,
+                o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), o_dst.stride(3),
+                lse_dst.stride(0), lse_dst.stride(1), lse_dst.stride(2),
+                o.stride(0), o.stride(1), o.stride(2),
+                lse.stride(0), lse.stride(1),
+                H, num_splits,
+            ),
+            dict(HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits)),
         )
     return o, lse
 
@@ -367,20 +445,12 @@ def _attn_bwd_preprocess_kernel(
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_rows = offs_m < C
-    o = tl.load(
-        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-        mask=in_rows[:, None], other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=in_rows[:, None], other=0.0,
-    ).to(tl.float32)
+    off_b, off_h = _batch_and_head(pid_bh, H)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, C, HEAD_DIM).to(tl.float32)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, C, HEAD_DIM).to(tl.float32)
     delta = tl.sum(o * do, 1)
     row = pid_bh.to(tl.int64) * C + offs_m
+    in_rows = offs_m < C
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=in_rows, other=0.0)
     tl.store(Delta + row, delta, mask=in_rows)
@@ -388,7 +458,7 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, DO, LSE, Delta, K, V, DK, DV, KeyMask,
+    Q, DO, LSE, Delta, K, V, DK, DV, KeyMask, PrefixLen,
     stride_qb, stride_qh, stride_qm,
     stride_dob, stride_doh, stride_dom,
     stride_kb, stride_kh, stride_kn,
@@ -397,33 +467,21 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mj,
     H, C, N_KEYS, MASK_OFFSET, GROUP, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dk, dv for one tile of keys of one segment: the prefix (CAUSAL=False, MASK_OFFSET=0) or the
-    chunk (CAUSAL=True, MASK_OFFSET=P). Works in the transposed frame: rows are keys."""
+    """dk, dv for one tile of keys of one segment: the prefix (CAUSAL=False, MASK_OFFSET=0, lengths
+    apply) or the chunk (CAUSAL=True, MASK_OFFSET=P). Works in the transposed frame: rows are keys.
+    A prefix tile at or past its sequence's length loads no query and writes zeros."""
     pid_n = tl.program_id(0)
-    pid_bhkv = tl.program_id(1)
-    HKV = H // GROUP
-    off_b = (pid_bhkv // HKV).to(tl.int64)
-    off_hkv = (pid_bhkv % HKV).to(tl.int64)
+    off_b, off_hkv = _batch_and_head(tl.program_id(1), H // GROUP)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_keys = offs_n < N_KEYS
-    k = tl.load(
-        K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-        mask=in_keys[:, None], other=0.0,
-    )
-    v = tl.load(
-        V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-        mask=in_keys[:, None], other=0.0,
-    )
-    key_ok = in_keys
-    if HAS_MASK:
-        key_ok = key_ok & (
-            tl.load(KeyMask + off_b * stride_mb + (MASK_OFFSET + offs_n) * stride_mj, mask=in_keys, other=0) != 0
-        )
+    # Rows at or past the sequence's prefix length are neither read nor used (their gradient is 0).
+    n_on = _prefix_end(PrefixLen, off_b, N_KEYS, HAS_LENGTHS)
+    k = _load_rows(K + off_b * stride_kb + off_hkv * stride_kh, offs_n, stride_kn, n_on, HEAD_DIM)
+    v = _load_rows(V + off_b * stride_vb + off_hkv * stride_vh, offs_n, stride_vn, n_on, HEAD_DIM)
+    key_on = _keys_on(KeyMask + off_b * stride_mb + MASK_OFFSET * stride_mj, stride_mj, offs_n, n_on, HAS_MASK)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -432,16 +490,17 @@ def _attn_bwd_dkdv_kernel(
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     else:
         lo = 0
+    hi = tl.where(pid_n * BLOCK_N < n_on, C, lo)
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         row_base = (off_b * H + off_h) * C
-        for start_m in range(lo, C, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_rows = offs_m < C
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_rows[:, None], other=0.0)
+            q = _load_rows(q_base, offs_m, stride_qm, C, HEAD_DIM)
+            do = _load_rows(do_base, offs_m, stride_dom, C, HEAD_DIM)
             # A row with no visible key has lse = -inf and exp2 gives inf for it, but every entry
             # of such a row is masked out below, and tl.where discards them.
             lse = tl.load(LSE + row_base + offs_m, mask=in_rows, other=0.0)
@@ -449,7 +508,7 @@ def _attn_bwd_dkdv_kernel(
 
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
             p_t = tl.exp2(qk_t * qk_scale - lse[None, :] * 1.4426950408889634)
-            visible = key_ok[:, None] & in_rows[None, :]
+            visible = key_on[:, None] & in_rows[None, :]
             if CAUSAL:
                 visible = visible & (offs_m[None, :] >= offs_n[:, None])
             p_t = tl.where(visible, p_t, 0.0)
@@ -458,15 +517,8 @@ def _attn_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-    dk *= scale
-    tl.store(
-        DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty), mask=in_keys[:, None],
-    )
-    tl.store(
-        DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty), mask=in_keys[:, None],
-    )
+    _store_rows(DK + off_b * stride_dkb + off_hkv * stride_dkh, offs_n, stride_dkn, N_KEYS, dk * scale, HEAD_DIM)
+    _store_rows(DV + off_b * stride_dvb + off_hkv * stride_dvh, offs_n, stride_dvn, N_KEYS, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -478,20 +530,13 @@ def _attn_bwd_dq_inner(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate ds @ k over keys [0, hi) of one key segment; lse2 is the LSE in base 2."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < hi
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_rows(K, offs_n, stride_kn, hi, HEAD_DIM)
+        v = _load_rows(V, offs_n, stride_vn, hi, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
-        visible = in_range[None, :]
-        if HAS_MASK:
-            key_ok = tl.load(KeyMask + offs_n * stride_mj, mask=in_range, other=0) != 0
-            visible = visible & key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        visible = _visible(KeyMask, stride_mj, offs_m, offs_n, hi, CAUSAL, HAS_MASK)
         p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -501,7 +546,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, DO, LSE, Delta, K, V, KP, VP, KeyMask, DQ,
+    Q, DO, LSE, Delta, K, V, KP, VP, KeyMask, PrefixLen, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_dob, stride_doh, stride_dom,
     stride_kb, stride_kh, stride_kn,
@@ -511,27 +556,14 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mj,
     stride_dqb, stride_dqh, stride_dqm,
     H, C, P, GROUP, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    off_b, off_h, off_hkv, offs_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qm, H, GROUP, C, BLOCK_M, HEAD_DIM)
     start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_rows = offs_m < C
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=in_rows[:, None], other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=in_rows[:, None], other=0.0,
-    )
-    row = pid_bh.to(tl.int64) * C + offs_m
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, C, HEAD_DIM)
+    row = tl.program_id(1).to(tl.int64) * C + offs_m
     # Base-2 LSE. Rows with no visible key (lse = -inf) are fully masked in the inner loop.
     lse2 = tl.load(LSE + row, mask=in_rows, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row, mask=in_rows, other=0.0)
@@ -543,7 +575,7 @@ def _attn_bwd_dq_kernel(
         KP + off_b * stride_kpb + off_hkv * stride_kph,
         VP + off_b * stride_vpb + off_hkv * stride_vph,
         mask_row, stride_kpn, stride_vpn, stride_mj,
-        P, offs_m, qk_scale,
+        _prefix_end(PrefixLen, off_b, P, HAS_LENGTHS), offs_m, qk_scale,
         HEAD_DIM, BLOCK_N, False, HAS_MASK, DOT_PRECISION,
     )
     dq = _attn_bwd_dq_inner(
@@ -554,43 +586,39 @@ def _attn_bwd_dq_kernel(
         tl.minimum(C, start_m + BLOCK_M), offs_m, qk_scale,
         HEAD_DIM, BLOCK_N, True, HAS_MASK, DOT_PRECISION,
     )
-    dq *= scale
-    tl.store(
-        DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=in_rows[:, None],
-    )
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, offs_m, stride_dqm, C, dq * scale, HEAD_DIM)
 
 
-_attn_bwd_dkdv = triton.autotune(configs=_BWD_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "HAS_MASK"])(
-    _attn_bwd_dkdv_kernel
+_attn_bwd_dkdv = _tuners(
+    _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, _configs((16, 32, 4, 1)), key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS"]
 )
-_attn_bwd_dq = triton.autotune(configs=_BWD_DQ_CONFIGS, key=["HEAD_DIM", "HAS_MASK"])(_attn_bwd_dq_kernel)
+_attn_bwd_dq = _tuners(
+    _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, _configs((32, 16, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"]
+)
 
 
 def chunk_attention_bwd(
     do: torch.Tensor,
     dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor | None,
-    v_prefix: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
     key_mask: torch.Tensor | None,
-    o: torch.Tensor,
-    lse: torch.Tensor,
+    o: torch.Tensor, lse: torch.Tensor,
     scale: float,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels.
 
     Args:
         do: [B, H, C, D] gradient of o (stride 1 in the last dim).
         dlse: [B, H, C] fp32 gradient of lse, or None.
-        q, k, v, k_prefix, v_prefix, key_mask, scale: the forward inputs.
+        q, k, v, k_prefix, v_prefix, key_mask, scale, prefix_lengths: the forward inputs.
         o, lse: the forward outputs.
 
     Returns:
         (dq, dk, dv, dk_prefix, dv_prefix), contiguous, in the dtypes of their inputs;
-        dk_prefix, dv_prefix are [B, Hkv, P, D] (None when k_prefix is None).
+        dk_prefix, dv_prefix are [B, Hkv, P, D] (None when k_prefix is None), zero in the rows at
+        or past each sequence's prefix length.
     """
     B, H, C, D = q.shape
     Hkv = k.shape[1]
@@ -611,46 +639,55 @@ def chunk_attention_bwd(
                 t.zero_()
         return dq, dk, dv, dkp, dvp
 
-    has_mask = key_mask is not None
-    mask_u8 = key_mask.view(torch.uint8) if has_mask else q
-    mask_strides = (mask_u8.stride(0), mask_u8.stride(1)) if has_mask else (0, 0)
+    mask, mask_strides = _mask_arg(key_mask, q)
+    lengths = q if prefix_lengths is None else prefix_lengths
+    has_lengths = prefix_lengths is not None
     precision = _dot_precision(q.dtype)
     qk_scale = scale * LOG2E
 
     delta = utils.new_empty((B, H, C), torch.float32, q.device)
     has_dlse = dlse is not None
-    _attn_bwd_preprocess_kernel[(triton.cdiv(C, _PREPROCESS_BLOCK_M), B * H)](
-        o, do, dlse.contiguous() if has_dlse else delta, delta,
-        *_bhn_strides(o), *_bhn_strides(do),
-        H, C,
-        HEAD_DIM=D, HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK_M,
+    utils.launch(
+        _attn_bwd_preprocess_kernel,
+        (triton.cdiv(C, _PREPROCESS_BLOCK_M), B * H),
+        (o, do, dlse.contiguous() if has_dlse else delta, delta, *_bhn_strides(o), *_bhn_strides(do), H, C),
+        dict(HEAD_DIM=D, HAS_DLSE=has_dlse, BLOCK_M=_PREPROCESS_BLOCK_M),
     )
 
-    segments = [(k, v, dk, dv, C, P, True)]
+    segments = [(k, v, dk, dv, C, P, True, False)]
     if P > 0:
-        segments.append((k_prefix, v_prefix, dkp, dvp, P, 0, False))
-    for seg_k, seg_v, seg_dk, seg_dv, n_keys, mask_offset, causal in segments:
-        grid = lambda meta, n=n_keys: (triton.cdiv(n, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
-        _attn_bwd_dkdv[grid](
-            q, do, lse, delta, seg_k, seg_v, seg_dk, seg_dv, mask_u8,
-            *_bhn_strides(q), *_bhn_strides(do),
-            *_bhn_strides(seg_k), *_bhn_strides(seg_v),
-            *_bhn_strides(seg_dk), *_bhn_strides(seg_dv),
-            *mask_strides,
-            H, C, n_keys, mask_offset, group, scale, qk_scale,
-            HEAD_DIM=D, CAUSAL=causal, HAS_MASK=has_mask, DOT_PRECISION=precision,
+        segments.append((k_prefix, v_prefix, dkp, dvp, P, 0, False, has_lengths))
+    for seg_k, seg_v, seg_dk, seg_dv, n_keys, mask_offset, causal, seg_lengths in segments:
+        utils.launch(
+            _attn_bwd_dkdv[q.dtype == torch.float32],
+            lambda meta, n=n_keys: (triton.cdiv(n, meta["BLOCK_N"]), B * Hkv),
+            (
+                q, do, lse, delta, seg_k, seg_v, seg_dk, seg_dv, mask, lengths,
+                *_bhn_strides(q), *_bhn_strides(do),
+                *_bhn_strides(seg_k), *_bhn_strides(seg_v),
+                *_bhn_strides(seg_dk), *_bhn_strides(seg_dv),
+                *mask_strides,
+                H, C, n_keys, mask_offset, group, scale, qk_scale,
+            ),
+            dict(
+                HEAD_DIM=D, CAUSAL=causal, HAS_MASK=key_mask is not None, HAS_LENGTHS=seg_lengths,
+                DOT_PRECISION=precision,
+            ),
         )
 
-    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq[grid](
-        q, do, lse, delta, k, v, k_prefix, v_prefix, mask_u8, dq,
-        *_bhn_strides(q), *_bhn_strides(do),
-        *_bhn_strides(k), *_bhn_strides(v),
-        *_bhn_strides(k_prefix), *_bhn_strides(v_prefix),
-        *mask_strides,
-        *_bhn_strides(dq),
-        H, C, P, group, scale, qk_scale,
-        HEAD_DIM=D, HAS_MASK=has_mask, DOT_PRECISION=precision,
+    utils.launch(
+        _attn_bwd_dq[q.dtype == torch.float32],
+        lambda meta: (triton.cdiv(C, meta["BLOCK_M"]), B * H),
+        (
+            q, do, lse, delta, k, v, k_prefix, v_prefix, mask, lengths, dq,
+            *_bhn_strides(q), *_bhn_strides(do),
+            *_bhn_strides(k), *_bhn_strides(v),
+            *_bhn_strides(k_prefix), *_bhn_strides(v_prefix),
+            *mask_strides,
+            *_bhn_strides(dq),
+            H, C, P, group, scale, qk_scale,
+        ),
+        dict(HEAD_DIM=D, HAS_MASK=key_mask is not None, HAS_LENGTHS=has_lengths, DOT_PRECISION=precision),
     )
     return dq, dk, dv, dkp, dvp
 
@@ -664,9 +701,9 @@ class ChunkAttentionFunction(torch.autograd.Function):
     """Autograd glue: saves inputs, o and lse; o and lse are both differentiable outputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_prefix, v_prefix, key_mask, scale):
-        o, lse = chunk_attention_fwd(q, k, v, k_prefix, v_prefix, key_mask, scale)
-        ctx.save_for_backward(q, k, v, k_prefix, v_prefix, key_mask, o, lse)
+    def forward(ctx, q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths, scale):
+        o, lse = chunk_attention_fwd(q, k, v, k_prefix, v_prefix, key_mask, scale, prefix_lengths=prefix_lengths)
+        ctx.save_for_backward(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths, o, lse)
         ctx.scale = scale
         # Unused outputs (usually lse) arrive as None instead of zero tensors.
         ctx.set_materialize_grads(False)
@@ -674,15 +711,15 @@ class ChunkAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, k_prefix, v_prefix, key_mask, o, lse = ctx.saved_tensors
+        q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else utils.last_dim_contiguous(do)
         dq, dk, dv, dkp, dvp = chunk_attention_bwd(
-            do, dlse, q, k, v, k_prefix, v_prefix, key_mask, o, lse, ctx.scale
+            do, dlse, q, k, v, k_prefix, v_prefix, key_mask, o, lse, ctx.scale, prefix_lengths
         )
-        return dq, dk, dv, dkp, dvp, None, None
+        return dq, dk, dv, dkp, dvp, None, None, None
 
 
-def _validate(q, k, v, k_prefix, v_prefix, key_mask) -> int:
+def _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths) -> int:
     """Check shapes, dtypes and devices; return P (0 without a prefix)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         utils.check_float(name, t)
@@ -720,20 +757,29 @@ def _validate(q, k, v, k_prefix, v_prefix, key_mask) -> int:
             raise TypeError(f"key_mask must be a bool tensor, got {key_mask.dtype}")
         if key_mask.shape != (B, P + C):
             raise ValueError(f"key_mask must be [B, P + C] = [{B}, {P + C}], got {list(key_mask.shape)}")
-    utils.check_same_device(q=q, k=k, v=v, k_prefix=k_prefix, v_prefix=v_prefix, key_mask=key_mask)
+    if prefix_lengths is not None:
+        # Shape, dtype and device only: the values stay on the device (no host sync).
+        if k_prefix is None:
+            raise ValueError("prefix_lengths needs k_prefix and v_prefix (the rows it counts)")
+        if not isinstance(prefix_lengths, torch.Tensor) or prefix_lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"prefix_lengths must be an int32 or int64 tensor, got {getattr(prefix_lengths, 'dtype', type(prefix_lengths).__name__)}")
+        if prefix_lengths.shape != (B,):
+            raise ValueError(f"prefix_lengths must be [B] = [{B}], got {list(prefix_lengths.shape)}")
+    utils.check_same_device(
+        q=q, k=k, v=v, k_prefix=k_prefix, v_prefix=v_prefix, key_mask=key_mask, prefix_lengths=prefix_lengths
+    )
     return P
 
 
 @torch.compiler.disable
 def chunk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_prefix: torch.Tensor | None = None,
-    v_prefix: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None = None, v_prefix: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    *,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk's C queries over [prefix rows | chunk rows], bottom-right causal.
 
@@ -748,6 +794,12 @@ def chunk_attention(
             keys), e.g. False on left padding; None attends to everything.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the log-sum-exp, e.g. to merge with another partial attention.
+        prefix_lengths: [B] int32/int64 tensor on the device of q, or None. Prefix row j of
+            sequence b is visible only if j < prefix_lengths[b] (and key_mask allows it; key_mask
+            stays [B, P + C] with P the prefix tensor's width). The prefix may then be a whole
+            preallocated buffer [B, Hkv, S, D]: the kernels read the lengths on the device (no
+            host sync) and skip every key block at or past them. Values outside [0, P] are
+            clamped; rows past a length get zero gradient.
 
     Returns:
         o: [B, H, C, D] in the dtype of q (a transposed view of a [B, C, H, D] buffer on the
@@ -763,16 +815,18 @@ def chunk_attention(
     programs and merge the partial results by their LSE (flash-decoding).
     Excluded from torch.compile tracing: it launches its own kernels.
     """
-    _validate(q, k, v, k_prefix, v_prefix, key_mask)
+    _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths)
     D = q.shape[-1]
     if scale is None:
         scale = D**-0.5
     if not (utils.use_triton(q) and D in SUPPORTED_HEAD_DIMS):
-        return naive_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, scale, return_lse)
+        return naive_chunk_attention(
+            q, k, v, k_prefix, v_prefix, key_mask, scale, return_lse, prefix_lengths=prefix_lengths
+        )
     if k_prefix is not None:
         k_prefix, v_prefix = utils.last_dim_contiguous(k_prefix), utils.last_dim_contiguous(v_prefix)
     o, lse = ChunkAttentionFunction.apply(
         utils.last_dim_contiguous(q), utils.last_dim_contiguous(k), utils.last_dim_contiguous(v),
-        k_prefix, v_prefix, key_mask, float(scale),
+        k_prefix, v_prefix, key_mask, prefix_lengths, float(scale),
     )
     return (o, lse) if return_lse else o

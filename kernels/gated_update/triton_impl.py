@@ -5,13 +5,17 @@
 
 Layers, as in flash-linear-attention:
     gated_update_fwd / gated_update_bwd   plain launchers on contiguous [N, D] views
-    GatedUpdateFunction                   autograd glue: saves the inputs, recomputes z in backward
+    GatedUpdateFunction                   autograd glue: saves a, s, g = ga + gs and b; z is
+                                          recomputed in backward
     gated_update                          public entry point: validation and backend choice
 
-Forward reads a, s, ga, gs (+ b) and writes s'. Backward reads ds', a, s, ga, gs and writes
-ds, da and one dz_pre tensor that is returned as the gradient of both ga and gs (they enter the
-gate as a plain sum), plus a [row_blocks, D] fp32 partial sum for db that PyTorch reduces; z is
-recomputed, never stored. All arithmetic is fp32; loads and stores use the input dtype.
+Forward reads a, s, ga, gs (+ b) and writes s' and, when autograd needs it, g = ga + gs: backward
+needs only the sum (ga and gs enter the gate as a plain sum), so three [N, D] tensors are kept for
+backward instead of four. g is stored in the input dtype, so in fp16/bf16 backward recomputes z from
+the rounded sum (a relative change of at most 2**-8 in bf16 to the pre-activation). Backward reads
+ds', a, s, g and writes ds, da and one dz_pre tensor that is returned as the gradient of both ga
+and gs, plus a [row_blocks, D] fp32 partial sum for db that PyTorch reduces; z is never stored.
+All arithmetic is fp32; loads and stores use the input dtype.
 """
 
 from __future__ import annotations
@@ -40,51 +44,51 @@ def _block_sizes(D: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _gated_update_fwd_kernel(
-    A, S, GA, GS, Bias, Out,
-    N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _tile(N, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_D] tile of the flat [N, D] rows: (offsets, mask, columns, column mask)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask = (offs_m < N)[:, None] & mask_d[None, :]
     # int64: N * D exceeds 2**31 for long sequences at large hidden sizes.
     offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    return offs, mask, offs_d, mask_d
 
+
+@triton.jit
+def _load_latent_and_gate(A, S, Pre, Bias, offs, mask, offs_d, mask_d):
+    """a, s and z = sigmoid(pre + b) of one tile in fp32 (masked lanes read 0); pre: fp32 ga + gs."""
     a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-    ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
-    gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return a, s, tl.sigmoid(Pre + bias[None, :])
 
-    z = tl.sigmoid(ga + gs + bias[None, :])
-    out = z * s + (1.0 - z) * a
-    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _gated_update_fwd_kernel(
+    A, S, GA, GS, Bias, Out, GateSum,
+    N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_GATE_SUM: tl.constexpr,
+):
+    offs, mask, offs_d, mask_d = _tile(N, D, BLOCK_M, BLOCK_D)
+    g = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
+    a, s, z = _load_latent_and_gate(A, S, g, Bias, offs, mask, offs_d, mask_d)
+    tl.store(Out + offs, (z * s + (1.0 - z) * a).to(Out.dtype.element_ty), mask=mask)
+    if STORE_GATE_SUM:
+        tl.store(GateSum + offs, g.to(GateSum.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_update_bwd_kernel(
-    DOut, A, S, GA, GS, Bias,
+    DOut, A, S, GateSum, Bias,
     DA, DS, DZ, DBPartial,
     N, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = (offs_m < N)[:, None] & mask_d[None, :]
-    offs = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
-
+    offs, mask, offs_d, mask_d = _tile(N, D, BLOCK_M, BLOCK_D)
+    g = tl.load(GateSum + offs, mask=mask, other=0.0).to(tl.float32)
+    a, s, z = _load_latent_and_gate(A, S, g, Bias, offs, mask, offs_d, mask_d)
     dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
-    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + offs, mask=mask, other=0.0).to(tl.float32)
-    ga = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
-    gs = tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(Bias + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    z = tl.sigmoid(ga + gs + bias[None, :])
     ds = dout * z
     da = dout - ds
     # d s'/d z = s - a and d z / d(ga + gs + b) = z (1 - z); masked lanes have dout = 0.
@@ -94,7 +98,7 @@ def _gated_update_bwd_kernel(
     tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
     tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
     # Deterministic db: one fp32 partial row per row block, reduced by the launcher.
-    tl.store(DBPartial + pid_m * D + offs_d, tl.sum(dz, axis=0), mask=mask_d)
+    tl.store(DBPartial + tl.program_id(0) * D + offs_d, tl.sum(dz, axis=0), mask=mask_d)
 
 
 def gated_update_fwd(
@@ -104,7 +108,8 @@ def gated_update_fwd(
     gs: torch.Tensor,
     b: torch.Tensor,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_gate_sum: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on contiguous inputs.
 
     Args:
@@ -113,38 +118,41 @@ def gated_update_fwd(
         out: optional contiguous [..., D] destination in the dtype of `a`. It may alias any of
             a, s, ga, gs (each element is read and then written by the same program), which gives
             the in-place update for inference, e.g. `out=s`.
+        return_gate_sum: also write and return g = ga + gs ([..., D], dtype of `a`), all that
+            `gated_update_bwd` needs of ga and gs.
 
     Returns:
-        s' ([..., D], dtype of `a`): `out` if given.
+        s' ([..., D], dtype of `a`): `out` if given; with return_gate_sum, (s', g).
     """
     D = a.shape[-1]
     N = a.numel() // D if D else 0
     if out is None:
         out = utils.new_empty(a.shape, a.dtype, a.device)
-    if N == 0 or D == 0:
-        return out
-    block_m, block_d, num_warps = _block_sizes(D)
-    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
-    _gated_update_fwd_kernel[grid](
-        a, s, ga, gs, b, out, N, D,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
-    return out
+    gate_sum = utils.new_empty(a.shape, a.dtype, a.device) if return_gate_sum else None
+    if N > 0 and D > 0:
+        block_m, block_d, num_warps = _block_sizes(D)
+        utils.launch(
+            _gated_update_fwd_kernel,
+            (triton.cdiv(N, block_m), triton.cdiv(D, block_d)),
+            (a, s, ga, gs, b, out, out if gate_sum is None else gate_sum, N, D),
+            dict(BLOCK_M=block_m, BLOCK_D=block_d, STORE_GATE_SUM=return_gate_sum, num_warps=num_warps),
+        )
+    return (out, gate_sum) if return_gate_sum else out
 
 
 def gated_update_bwd(
     dout: torch.Tensor,
     a: torch.Tensor,
     s: torch.Tensor,
-    ga: torch.Tensor,
-    gs: torch.Tensor,
+    gate_sum: torch.Tensor,
     b: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel on contiguous inputs; z is recomputed from ga, gs and b.
+    """Launch the backward kernel on contiguous inputs; z is recomputed from ga + gs and b.
 
     Args:
         dout: contiguous [..., D] gradient of s', dtype of `a`.
-        a, s, ga, gs, b: the forward inputs.
+        a, s, b: the forward inputs.
+        gate_sum: contiguous [..., D] g = ga + gs (`gated_update_fwd(..., return_gate_sum=True)`).
 
     Returns:
         (da, ds, dz, db): da, ds, dz in the dtype of `a` ([..., D]); dz is the gradient of the gate
@@ -160,25 +168,29 @@ def gated_update_bwd(
     block_m, block_d, num_warps = _block_sizes(D)
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d))
     db_partial = utils.new_empty((grid[0], D), torch.float32, a.device)
-    _gated_update_bwd_kernel[grid](
-        dout, a, s, ga, gs, b, da, ds, dz, db_partial, N, D,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    utils.launch(
+        _gated_update_bwd_kernel,
+        grid,
+        (dout, a, s, gate_sum, b, da, ds, dz, db_partial, N, D),
+        dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps),
     )
     return da, ds, dz, db_partial.sum(0).to(b.dtype)
 
 
 class GatedUpdateFunction(torch.autograd.Function):
-    """Autograd glue: saves the (already contiguous) inputs, nothing computed, not z."""
+    """Autograd glue: saves a, s, b and g = ga + gs (written by the forward kernel), not ga and gs
+    (backward needs only their sum) and not z (recomputed)."""
 
     @staticmethod
     def forward(ctx, a, s, ga, gs, b):
-        ctx.save_for_backward(a, s, ga, gs, b)
-        return gated_update_fwd(a, s, ga, gs, b)
+        out, gate_sum = gated_update_fwd(a, s, ga, gs, b, return_gate_sum=True)
+        ctx.save_for_backward(a, s, gate_sum, b)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        a, s, ga, gs, b = ctx.saved_tensors
-        da, ds, dz, db = gated_update_bwd(dout.contiguous(), a, s, ga, gs, b)
+        a, s, gate_sum, b = ctx.saved_tensors
+        da, ds, dz, db = gated_update_bwd(dout.contiguous(), a, s, gate_sum, b)
         return da, ds, dz, dz, db
 
 

@@ -191,6 +191,132 @@ def test_chunk_attention_backends(monkeypatch, device):
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+# Per-sequence prefix lengths: the prefix is a whole preallocated buffer of S rows, of which sequence b
+# has prefix_lengths[b]. Rows past the lengths hold NaN: a kernel that read them into its sums would fail.
+
+
+def _buffer_leaves(B, H, Hkv, C, S, D, dtype, device, lengths, seed=0):
+    leaves = _inputs(B, H, Hkv, C, S, D, dtype, device, seed)
+    for name in ("k_cache", "v_cache"):
+        buf = leaves[name]
+        for b, n in enumerate(lengths):
+            buf[b, :, n:] = float("nan")
+    return leaves
+
+
+def _truncated(leaves, b, n):
+    """Sequence b alone, with only its first n prefix rows (a contiguous copy: a different layout too)."""
+    return {
+        "q": leaves["q"][b : b + 1],
+        "k": leaves["k"][b : b + 1],
+        "v": leaves["v"][b : b + 1],
+        "k_cache": leaves["k_cache"][b : b + 1, :, :n].contiguous(),
+        "v_cache": leaves["v_cache"][b : b + 1, :, :n].contiguous(),
+    }
+
+
+def _truncated_mask(key_mask, b, n, S):
+    if key_mask is None:
+        return None
+    return torch.cat([key_mask[b : b + 1, :n], key_mask[b : b + 1, S:]], dim=1)
+
+
+LENGTH_CASES = [
+    # (B, H, Hkv, C, S, D, lengths)
+    pytest.param((3, 4, 2, 1, 200, 64, (0, 37, 200)), id="decode-B3-S200-L0,37,200"),
+    pytest.param((2, 2, 1, 7, 100, 64, (64, 1)), id="C7-S100-L64,1"),
+    pytest.param((2, 2, 2, 63, 100, 128, (100, 33)), id="C63-S100-D128-L100,33"),
+]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("case", LENGTH_CASES)
+def test_prefix_lengths_equal_the_truncated_prefix(case, mask_kind, device, assert_close):
+    """lengths < width: each sequence gets what the call on its own truncated prefix gives, forward and
+    backward; the rows past its length get zero gradient and are never read (they hold NaN)."""
+    B, H, Hkv, C, S, D, lengths = case
+    dtype = torch.float32
+    leaves = _buffer_leaves(B, H, Hkv, C, S, D, dtype, device, lengths)
+    key_mask = _key_mask(mask_kind, B, S, C, device)
+    if key_mask is not None:
+        key_mask[-1] = True  # keep the last sequence visible: its truncated call then has keys
+    prefix_lengths = torch.tensor(lengths, dtype=torch.int32, device=device)
+
+    tri = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    q, k, v, kp, vp = _views(tri, S)
+    o, lse = chunk_attention(q, k, v, kp, vp, key_mask=key_mask, return_lse=True, prefix_lengths=prefix_lengths)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(o.shape, generator=gen).to(device=device, dtype=dtype)
+    grads = dict(zip(tri, torch.autograd.grad(o, list(tri.values()), do)))
+
+    for b, n in enumerate(lengths):
+        ref = {name: t.detach().float().requires_grad_() for name, t in _truncated(leaves, b, n).items()}
+        ref_o, ref_lse = naive_chunk_attention(
+            *_views(ref, n), key_mask=_truncated_mask(key_mask, b, n, S), return_lse=True
+        )
+        assert_close(f"o[{b}]", o[b : b + 1], ref_o, dtype)
+        assert_close(f"lse[{b}]", lse[b : b + 1], ref_lse, dtype)
+        ref_grads = torch.autograd.grad(ref_o, list(ref.values()), do[b : b + 1].float(),
+                                        allow_unused=True, materialize_grads=True)
+        for name, rg in zip(ref, ref_grads):
+            g = grads[name][b : b + 1]
+            if name in ("k_cache", "v_cache"):
+                assert torch.equal(g[:, :, n:], torch.zeros_like(g[:, :, n:])), f"d{name}[{b}] past length {n}"
+                g = g[:, :, :n]
+                rg = rg[:, :, :n]
+            assert_close(f"d{name}[{b}]", g, rg, dtype)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefix_lengths_at_full_width_change_nothing(dtype, mask_kind, device, assert_close):
+    B, H, Hkv, C, P, D = 2, 4, 2, 7, 100, 64
+    leaves = _inputs(B, H, Hkv, C, P, D, dtype, device)
+    key_mask = _key_mask(mask_kind, B, P, C, device)
+    full = torch.full((B,), P, dtype=torch.int64, device=device)
+    outs, grads = [], []
+    for lengths in (None, full):
+        tri = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+        o, lse = chunk_attention(*_views(tri, P), key_mask=key_mask, return_lse=True, prefix_lengths=lengths)
+        outs.append((o, lse))
+        grads.append(torch.autograd.grad((o, lse), list(tri.values()), (torch.ones_like(o), torch.ones_like(lse))))
+    for name, a, b in zip(("o", "lse"), *outs):
+        assert_close(name, b, a, dtype)
+    for name, a, b in zip(leaves, *grads):
+        assert_close(f"d{name}", b, a, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_prefix_lengths_with_flash_decoding_splits(num_splits, device, assert_close):
+    # Decode over a 1,000-row buffer: each sequence spreads its own keys over the splits.
+    B, H, Hkv, C, S, D = 3, 2, 1, 1, 1000, 64
+    lengths = (0, 130, 1000)
+    views = _views(_buffer_leaves(B, H, Hkv, C, S, D, torch.float32, device, lengths), S)
+    prefix_lengths = torch.tensor(lengths, device=device)
+    o, lse = chunk_attention_fwd(*views, None, D**-0.5, num_splits=num_splits, prefix_lengths=prefix_lengths)
+    ref_o, ref_lse = naive_chunk_attention(
+        *[t.nan_to_num(0.0) for t in views], return_lse=True, prefix_lengths=prefix_lengths
+    )
+    assert_close("o", o, ref_o, torch.float32)
+    assert_close("lse", lse, ref_lse, torch.float32)
+
+
+def test_prefix_lengths_never_synchronise_with_the_host():
+    # On `meta` tensors any .item() / int() / bool() / .cpu() of the lengths raises; the launchers run
+    # through (their launches are recorded, not run).
+    meta = torch.device("meta")
+    B, H, Hkv, C, S, D = 2, 4, 2, 1, 4096, 128
+    q = torch.empty(B, H, C, D, device=meta)
+    k = torch.empty(B, Hkv, C, D, device=meta)
+    buf = torch.empty(B, Hkv, S, D, device=meta)
+    lengths = torch.empty(B, dtype=torch.int32, device=meta)
+    with kernel_utils.capture_launches() as launches:
+        o, lse = chunk_attention_fwd(q, k, k, buf, buf, None, D**-0.5, prefix_lengths=lengths)
+        attn_impl.chunk_attention_bwd(o, None, q, k, k, buf, buf, None, o, lse, D**-0.5, prefix_lengths=lengths)
+    with_lengths = [launch for launch in launches if launch.constexprs.get("HAS_LENGTHS")]
+    assert with_lengths and all(any(a is lengths for a in launch.args) for launch in with_lengths)
+
+
 def _invalid(case_id, error, match, **change):
     """A validation case: the valid arguments below with `change` applied must raise `error`."""
     return pytest.param(change, error, match, id=case_id)
@@ -218,6 +344,13 @@ def _zeros(*shape, **kwargs):
         _invalid("mask-shape", ValueError, r"key_mask must be \[B, P \+ C\] = \[2, 8\]",
                  key_mask=_zeros(2, 3, dtype=torch.bool)),
         _invalid("device", ValueError, "same device", k_prefix=_zeros(2, 2, 5, 64, device="meta")),
+        _invalid("lengths-dtype", TypeError, "prefix_lengths must be an int32 or int64 tensor",
+                 prefix_lengths=_zeros(2)),
+        _invalid("lengths-shape", ValueError, r"prefix_lengths must be \[B\] = \[2\]",
+                 prefix_lengths=_zeros(3, dtype=torch.int32)),
+        _invalid("lengths-without-prefix", ValueError, "prefix_lengths needs k_prefix",
+                 k_prefix=None, v_prefix=None, key_mask=None, prefix_lengths=_zeros(2, dtype=torch.int32)),
+        _invalid("lengths-device", ValueError, "same device", prefix_lengths=_zeros(2, dtype=torch.int32, device="meta")),
     ],
 )
 def test_chunk_attention_validation(change, error, match):

@@ -82,6 +82,26 @@ def test_gated_update_shared_gate_gradient_accumulates_per_leaf(device):
     assert torch.equal(ga.grad, 2 * first) and torch.equal(gs.grad, 2 * first)
 
 
+def test_gated_update_saves_the_gate_sum_not_ga_and_gs(device):
+    # Backward needs ga and gs only through ga + gs: autograd keeps a, s, that sum and b, i.e. three
+    # [..., D] tensors, not four (ga and gs are otherwise unreferenced GEMM outputs in the model).
+    a, s, ga, gs, b = (t.requires_grad_() for t in _inputs((2, 7, 100), torch.float16, device))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gated_update(a, s, ga, gs, b)
+    assert sum(t.numel() * t.element_size() for t in saved) == 3 * a.numel() * a.element_size() + b.nbytes
+    assert not any(t.data_ptr() in (ga.data_ptr(), gs.data_ptr()) for t in saved)
+    out.backward(torch.ones_like(out))  # and backward runs from what was kept
+    assert ga.grad is not None and gs.grad is not None and torch.equal(ga.grad, gs.grad)
+
+
+def test_gated_update_fwd_returns_the_gate_sum(device, assert_close):
+    a, s, ga, gs, b = _inputs((3, 5, 100), torch.float32, device)
+    out, gate_sum = gated_update_fwd(a, s, ga, gs, b, return_gate_sum=True)
+    assert_close("s_new", out, naive_gated_update(a, s, ga, gs, b), torch.float32)
+    assert_close("g", gate_sum, ga + gs, torch.float32)
+
+
 def test_gated_update_backends(monkeypatch, device):
     calls = []
 

@@ -171,6 +171,7 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
         loop: int,
         kv_blend_alpha: float | None,
         backend: str,
+        prefix_lengths: torch.Tensor | None = None,  # [B]: prefix rows that exist (a preallocated buffer's fill)
     ):
         """One layer at one loop, as a pure function of its inputs (so it can be checkpointed).
 
@@ -191,7 +192,7 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
             if kv_blend_alpha is not None:
                 loop_rows = self.self_attn.key_value(a, cos, sin)
                 k, v = torch.lerp(loop_rows[0], k, kv_blend_alpha), torch.lerp(loop_rows[1], v, kv_blend_alpha)
-        attn = chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, backend)  # [B, H, C, D]
+        attn = chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, backend, prefix_lengths=prefix_lengths)
         attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
         hidden = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
         hidden = hidden + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(hidden)))
@@ -426,8 +427,9 @@ class MeltModel(MeltPreTrainedModel):
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
-        Every (layer, loop) reads the whole preallocated buffer of its slot (`[B, kv_heads, max_cache_len, D]`):
-        column j is visible when it is written (j < fill, a device counter) and, with an attention mask, not
+        Every (layer, loop) hands the attention the whole preallocated buffer of its slot (`[B, kv_heads,
+        max_cache_len, D]`) with `prefix_lengths = fill` (a device counter): column j exists when j < fill (the
+        Triton kernel skips the blocks past it, the eager path masks them) and, with an attention mask, is not
         padding. The new token is the chunk (C = 1): its rows of the current loop are attended as the chunk's
         rows, per-loop rows are written at column `fill` as soon as they exist, the shared row after the last
         loop, then `fill` advances. Positions come from the mask (or from `fill`) as tensors.
@@ -450,8 +452,8 @@ class MeltModel(MeltPreTrainedModel):
                 f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
             )
         fill = cache.fill  # [1]
-        visible = (torch.arange(columns, device=device) < fill).expand(batch, columns)  # [B, S]: rows written
-        current = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        prefix_lengths = fill.expand(batch)  # [B]: the attention skips (or masks) the columns not yet written
+        key_mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=device, dtype=torch.bool)
             if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > columns:
@@ -459,12 +461,14 @@ class MeltModel(MeltPreTrainedModel):
                     f"attention_mask must be [batch, past + 1] or [batch, max_cache_len] = [{batch}, <= {columns}] "
                     f"with this preallocated cache, got shape {tuple(attention_mask.shape)}"
                 )
-            mask = F.pad(mask, (0, columns - mask.shape[1]))  # [B, S]
-            visible = visible & mask
+            mask = F.pad(mask, (0, columns - mask.shape[1]))  # [B, S]: padding columns are False
             current = mask.gather(1, fill.view(1, 1).expand(batch, 1))  # [B, 1]: is the new token real
+            key_mask = torch.cat([mask, current], dim=1)  # [B, S + 1]
+            if position_ids is None:  # real tokens written before this one
+                written = torch.arange(columns, device=device) < fill
+                position_ids = (mask & written).sum(-1, keepdim=True)
         if position_ids is None:
-            position_ids = visible.sum(-1, keepdim=True) if attention_mask is not None else fill.view(1, 1).expand(batch, 1)
-        key_mask = torch.cat([visible, current], dim=1)  # [B, S + 1]
+            position_ids = fill.view(1, 1).expand(batch, 1)
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
         backend = resolve_backend(config.attention_backend, device)
 
@@ -477,7 +481,7 @@ class MeltModel(MeltPreTrainedModel):
             for idx, layer in enumerate(self.layers):
                 k_prefix, v_prefix = cache.static_prefix_rows(idx, loop)
                 hidden, latents[idx], shared_rows, loop_rows, attn = layer(
-                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend
+                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend, prefix_lengths
                 )
                 if loop_rows is not None:
                     cache.static_write_loop_rows(idx, loop, loop_rows)

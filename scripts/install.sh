@@ -25,12 +25,15 @@ fi
 log="$(mktemp)"
 constraints="$(mktemp)"
 trap 'rm -f "$log" "$constraints"' EXIT
-# pip -q still relays one informational notice of setuptools ("Editable installation ... be careful with folders
-# in your working directory"), printed for every editable install that maps folders to package names as
-# pyproject.toml does. Everything else pip prints is shown, and on failure the whole log is.
+# Two kinds of lines are not relayed after a successful install, and only these: setuptools' informational
+# notice "Editable installation ... be careful with folders in your working directory" (printed for every editable
+# install that maps folders to package names, as pyproject.toml does), and pip's "Location 'file://...' is ignored"
+# for a local index directory named in the machine's own pip configuration that lacks a package. Everything else
+# pip prints is shown, and on failure the whole log is.
 show_log() {
     awk '/BuildBackendWarning: Editable installation\./ {skip = 1}
          skip && /with strategy, WheelFile/ {skip = 0; next}
+         /^WARNING: Location .file:.* is ignored: it is neither a file nor a directory\.$/ {next}
          !skip' "$log"
 }
 pip_install() {

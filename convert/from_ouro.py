@@ -392,15 +392,17 @@ def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -
         if out.exists():  # --overwrite
             os.rename(out, previous)
         os.rename(staging, out)
-    except Exception as err:
+    except BaseException as err:
         if previous.exists() and not out.exists():
             os.rename(previous, out)
+        if not isinstance(err, Exception) or isinstance(err, training.Interrupted):
+            raise
         kept = f"the trained weights are safe in {work_dir / 'checkpoint.pt'}"
         then = "rerun the same command with --resume added (no retraining)"
         if training.is_disk_full(err):
-            raise OSError(errno.ENOSPC, f"no space left on device while writing the converted model to {staging} "
+            raise training.os_error(errno.ENOSPC, f"no space left on device while writing the converted model to {staging} "
                           f"({training.free_bytes(out.parent)}); {kept}: free space there, then {then}") from err
-        raise OSError(getattr(err, "errno", None) or errno.EIO, f"writing the converted model to {staging} failed "
+        raise training.os_error(getattr(err, "errno", None) or errno.EIO, f"writing the converted model to {staging} failed "
                       f"({type(err).__name__}: {err}); {kept}: fix the cause, then {then}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)

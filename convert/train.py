@@ -74,6 +74,13 @@ def is_disk_full(err: BaseException | None) -> bool:
     return False
 
 
+def os_error(code: int, message: str) -> OSError:
+    """An OSError with `errno` set whose text is `message` alone (OSError(code, message) prints "[Errno N] ...")."""
+    err = OSError(message)
+    err.errno = code
+    return err
+
+
 def free_bytes(path: Path) -> str:
     """Free space on the file system of `path` (or of its nearest existing parent), for error messages."""
     for candidate in (path, *path.parents):
@@ -202,7 +209,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, fingerpr
             tmp.unlink(missing_ok=True)
             if isinstance(err, Exception) and is_disk_full(err):
                 kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
-                raise OSError(
+                raise os_error(
                     errno.ENOSPC, f"no space left on device while writing the checkpoint {path} of step {step} "
                     f"({free_bytes(path.parent)}); {kept}: free space there (or pass --work-dir on a larger disk), "
                     "then continue with --resume"

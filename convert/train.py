@@ -208,11 +208,12 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, fingerpr
         except BaseException as err:
             tmp.unlink(missing_ok=True)
             if isinstance(err, Exception) and is_disk_full(err):
-                kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint exists"
+                kept = ("the previous checkpoint is intact", "continue with --resume") if path.exists() else \
+                    ("no earlier checkpoint exists", "run the same command again (nothing to resume)")
                 raise os_error(
                     errno.ENOSPC, f"no space left on device while writing the checkpoint {path} of step {step} "
-                    f"({free_bytes(path.parent)}); {kept}: free space there (or pass --work-dir on a larger disk), "
-                    "then continue with --resume"
+                    f"({free_bytes(path.parent)}); {kept[0]}: free space there (or pass --work-dir on a larger disk), "
+                    f"then {kept[1]}"
                 ) from err
             raise
     runtime.barrier()

@@ -202,8 +202,12 @@ def _check_options(a) -> None:
     for name in ("lr", "gate_lr", "temperature", "max_grad_norm"):
         if not getattr(a, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.beta < 0 or a.weight_decay < 0:
-        problems.append("--beta and --weight-decay must be >= 0")
+    for name in ("beta", "weight_decay"):
+        if not getattr(a, name) >= 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    for name in ("lr", "gate_lr", "temperature", "beta", "weight_decay"):  # inf/nan would only end in a NaN loss
+        if getattr(a, name) == float("inf"):
+            problems.append(f"--{name.replace('_', '-')} must be finite, got {getattr(a, name)}")
     if a.change_lr and not a.resume:
         problems.append("--change-lr only applies with --resume")
     if problems:
@@ -436,6 +440,8 @@ def run(argv=None) -> dict | None:
         torch.manual_seed(a.seed)
         _check_paths(a, runtime)
         ouro_dir = resolve_checkpoint_dir(a.ouro, what="--ouro checkpoint")
+        if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
+            raise ValueError(f"--tokenizer {a.tokenizer} is a file; pass the directory that holds tokenizer.json")
         if a.tokenizer and looks_like_local_path(a.tokenizer) and not Path(a.tokenizer).expanduser().is_dir():
             raise ValueError(f"--tokenizer directory {a.tokenizer} does not exist (and it is not a Hub id); check the path")
         teacher, student = _load_models(a, runtime)

@@ -324,3 +324,26 @@ def test_from_pretrained_refuses_an_ouro_checkpoint_and_points_to_from_ouro(ouro
     with pytest.raises(ValueError, match="model_type 'llama', expected 'melt'"):
         MeltForCausalLM.from_pretrained(other)
     assert MeltForCausalLM.from_ouro(directory).config.num_loops == 2  # the right door still opens
+
+
+def test_from_ouro_reports_a_tensor_stored_twice(ouro_checkpoint):
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, config, shards=2)
+    save_file({"model.norm.weight": state["model.norm.weight"]}, directory / "extra.safetensors")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight.copy"] = "extra.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"unexpected: model.norm.weight \(again, in extra.safetensors\)"):
+        MeltForCausalLM.from_ouro(directory)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_from_pretrained_names_an_unreadable_weight_file(tmp_path, damage):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:-100])
+    for load in (MeltForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+            load(tmp_path)

@@ -553,6 +553,15 @@ def test_a_failed_overwrite_keeps_the_previous_output(ouro_dir, data_file, tmp_p
     assert (out / "report.json").is_file() and not (tmp_path / "melt.work").exists() and _leftovers(tmp_path) == []
 
 
+def test_resume_from_a_damaged_checkpoint_names_it(ouro_dir, data_file, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    argv = _args(ouro_dir, data_file, out, "--phase1-steps", "2", "--phase2-steps", "0")
+    assert from_ouro.run([*argv, "--stop-after", "1"]) is None
+    (work / "checkpoint.pt").write_bytes((work / "checkpoint.pt").read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {work / 'checkpoint.pt'} .*--overwrite"):
+        from_ouro.run([*argv, "--resume"])
+
+
 def test_a_work_directory_without_checkpoint_does_not_block_a_rerun(ouro_dir, data_file, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "out.work"
     work.mkdir()
@@ -583,6 +592,10 @@ def test_a_work_directory_without_checkpoint_does_not_block_a_rerun(ouro_dir, da
         ("ouro-config-not-json", "config.json is not valid JSON"),
         ("ouro-weights-random", "model.safetensors .* is not a readable safetensors file"),
         ("change-lr-without-resume", "--change-lr only applies with --resume"),
+        ("lr-inf", "--lr must be finite"),
+        ("beta-nan", "--beta must be >= 0, got nan"),
+        ("temperature-inf", "--temperature must be finite"),
+        ("tokenizer-is-a-file", "--tokenizer .* is a file"),
     ],
 )
 def test_cli_hostile_arguments_give_one_line_and_leave_nothing(ouro_dir, data_file, tmp_path, monkeypatch, capsys,
@@ -640,6 +653,11 @@ def test_cli_hostile_arguments_give_one_line_and_leave_nothing(ouro_dir, data_fi
         (ouro / "model.safetensors").write_bytes(os.urandom(4096))
     elif case == "change-lr-without-resume":
         extra = ["--change-lr"]
+    elif case in ("lr-inf", "beta-nan", "temperature-inf"):
+        flag, value = case.split("-")
+        extra = [f"--{flag}", value]
+    elif case == "tokenizer-is-a-file":
+        extra = ["--tokenizer", str(data_file)]
     before = sorted(p.name for p in tmp_path.iterdir())
     code = from_ouro.main(_args(ouro, data, out, "--phase1-steps", "1", "--phase2-steps", "0", *extra))
     err = _error_line(capsys)

@@ -490,7 +490,7 @@ def run(argv=None) -> dict | None:
             else:
                 with training.raise_on_signals(total, "evaluation"):
                     report = _evaluate(a, final, eval_rows, runtime, autocast, train_seconds)
-                _write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
+                    _write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
             with training.raise_on_signals(total, "final write"):
                 _write_output(a, final, Path(a.tokenizer) if a.tokenizer and Path(a.tokenizer).is_dir() else ouro_dir,
                               report, a.work_dir)

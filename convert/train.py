@@ -280,6 +280,14 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a crash or a full disk counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 @contextlib.contextmanager
 def raise_on_signals(step: int, stage: str):
     """SIGTERM/SIGINT raise `Interrupted(signum, step, stage)` at once (the work is already checkpointed, so
@@ -320,7 +328,7 @@ def train(
     if resume:
         start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint, getattr(opts, "change_lr", False))
         if runtime.is_main and log_path.exists():  # drop steps after the checkpoint: they are redone
-            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+            kept = [line for line in log_path.read_text(errors="replace").splitlines() if _logged_step(line) < start]
             log_path.write_text("".join(line + "\n" for line in kept))
     end = total if opts.stop_after is None else min(total, start + opts.stop_after)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -386,6 +386,8 @@ def test_resume_refuses_a_changed_lr_unless_asked(ouro_dir, data_file, tmp_path)
         from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--lr", "1e-4"))
     with pytest.raises(ValueError, match="seed"):  # --change-lr allows the learning rates only
         from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--change-lr", "--seed", "3"))
+    with open(tmp_path / "out.work" / "log.jsonl", "a") as log:  # a line cut short by a crash does not block --resume
+        log.write('{"step": 1, "loss": 0.')
     from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--change-lr", "--gate-lr", "2e-3"))
     lrs = [r["lr_gate"] for r in _log(out / "train_log.jsonl")]
     assert lrs == pytest.approx([1e-2 * 1 / 5, 2e-3 * 2 / 5, 2e-3 * 3 / 5], rel=1e-12)  # warm-up position kept

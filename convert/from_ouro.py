@@ -404,10 +404,14 @@ def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -
         kept = f"the trained weights are safe in {work_dir / 'checkpoint.pt'}"
         then = "rerun the same command with --resume added (no retraining)"
         if training.is_disk_full(err):
-            raise training.os_error(errno.ENOSPC, f"no space left on device while writing the converted model to {staging} "
-                          f"({training.free_bytes(out.parent)}); {kept}: free space there, then {then}") from err
-        raise training.os_error(getattr(err, "errno", None) or errno.EIO, f"writing the converted model to {staging} failed "
-                      f"({type(err).__name__}: {err}); {kept}: fix the cause, then {then}") from err
+            raise training.os_error(
+                errno.ENOSPC, f"no space left on device while writing the converted model to {staging} "
+                f"({training.free_bytes(out.parent)}); {kept}: free space there, then {then}"
+            ) from err
+        raise training.os_error(
+            getattr(err, "errno", None) or errno.EIO,
+            f"writing the converted model to {staging} failed ({type(err).__name__}: {err}); {kept}: fix the cause, then {then}",
+        ) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if out.exists():
@@ -429,10 +433,8 @@ def _push(out: Path, repo: str) -> None:
 def run(argv=None) -> dict | None:
     """Convert as `argv` says; returns the report (rank 0) or None. Raises on bad inputs and failures."""
     a = resolve_options(argv)
-    from melt.ouro_checkpoint import resolve_checkpoint_dir
+    from melt.ouro_checkpoint import looks_like_local_path, resolve_checkpoint_dir
     from transformers import AutoTokenizer, PreTrainedConfig
-
-    from melt.ouro_checkpoint import looks_like_local_path
 
     a.retry_command = functools.partial(_retry_command, list(sys.argv[1:] if argv is None else argv), a)
     runtime = training.init_runtime(a.device)

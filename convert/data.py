@@ -174,6 +174,13 @@ def load_text_dataset(
                 raise ValueError(f"record {index} of {source}: {text_field!r} is of type {kind}, not a string")
             documents.append(text)
         elif chat is not None:
+            if not isinstance(chat, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in chat
+            ):
+                raise ValueError(
+                    f"record {index} of {source}: {MESSAGES_FIELD!r} must be a list of {{'role': str, 'content': str}} "
+                    f"objects, got {_preview(chat)}"
+                )
             if tokenizer is None or tokenizer.chat_template is None:
                 raise ValueError(
                     f"{source} holds chat records ({MESSAGES_FIELD!r}); pass a tokenizer with a chat template"
@@ -185,6 +192,12 @@ def load_text_dataset(
     if not documents:
         raise ValueError(f"{source} is empty: its {len(dataset)} records hold no text")
     return documents
+
+
+def _preview(value, limit: int = 60) -> str:
+    """A short description of a bad value for an error message: its type and the start of its repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def pack_sequences(

@@ -19,19 +19,34 @@ step, AdamW, lr 8e-6 Ouro weights / 5e-4 gate weights, 500 + 300 steps, beta 0.1
 when --ouro is not given (the embedded default: `convert/assets/tiny-ouro` and
 `convert/assets/tiny_corpus.jsonl`), `published` otherwise. Any option given explicitly overrides the preset.
 
-Files. While training, `<out>.work/` holds `checkpoint.pt` and `log.jsonl` (one JSON line per step). At the
-end the converted model is written to a temporary sibling of `<out>` and renamed to `<out>`: config
-(model_type melt, auto_map), safetensors, the flat modeling files, the tokenizer files, `report.json`
-(teacher vs student vs the training-free `gate_type="last"` conversion on held-out rows, per loop) and
-`train_log.jsonl`; then the work directory is removed. Bad inputs are reported before anything is written.
+Files and stages. While training, `<out>.work/` holds `checkpoint.pt` and `log.jsonl` (one JSON line per step).
+The last step is checkpointed like the others, then two stages follow, each resumable with `--resume`
+(which then does not retrain): the evaluation, whose result is kept as `<out>.work/report.json`, and the
+final write: the converted model goes to a temporary sibling of `<out>`, renamed to `<out>` when complete:
+config (model_type melt, auto_map), safetensors, the flat modeling files, the tokenizer files, `report.json`
+(teacher vs student vs the training-free `gate_type="last"` conversion on held-out rows, per loop),
+`train_log.jsonl` and a `README.md` saying how to load it; then the work directory is removed. Every exit
+leaves either the complete output or a work directory that `--resume` continues (a work directory without a
+checkpoint holds nothing to keep and a plain rerun replaces it). A failed write removes its temporary files
+and names the file system that ran out of space. Bad inputs are reported before anything is written, and
+`--out` / `--work-dir` may never be, or hold, the current directory or an input.
+
+Loading the output: `MeltForCausalLM.from_pretrained(out)`, or without this package
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`. The tokenizer is a plain `tokenizers`
+one, but `AutoTokenizer` reads config.json first, whose `auto_map` names MELT's code: without
+`trust_remote_code=True` it asks "Do you wish to run the custom code?" (and waits 15 s) unless `melt` is
+imported (which registers the model type); `PreTrainedTokenizerFast.from_pretrained(out)` never asks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import functools
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -85,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the Ouro checkpoint's)")
     io.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (refused if it exists, see --overwrite/--resume)")
     io.add_argument("--work-dir", type=Path, help="checkpoints and step log while training (default: <out>.work)")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing --out and discard an existing work directory")
-    io.add_argument("--resume", action="store_true", help="continue from the work directory's checkpoint (same options)")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --out (a converted model or an empty "
+                    "directory) and, without --resume, discard an existing work directory")
+    io.add_argument("--resume", action="store_true", help="continue from the work directory's checkpoint (same options); "
+                    "after a complete training it runs only the evaluation and the final write")
+    io.add_argument("--change-lr", action="store_true", help="with --resume: continue with the --lr/--gate-lr given now "
+                    "instead of the checkpoint's (e.g. after a non-finite loss)")
     io.add_argument("--push-to-hub", metavar="REPO", help="upload the output directory to this Hub repository at the end")
     io.add_argument("--keep-work-dir", action="store_true", help="keep the work directory (checkpoint, log) after success")
 
@@ -148,8 +167,14 @@ def resolve_options(argv=None) -> argparse.Namespace:
         args.phase2_steps = 0
     elif args.phase == "2":
         args.phase1_steps = 0
+    # Absolute, so that `--out .` or `--out dir/` have a name to derive the work directory from and can be
+    # compared with the inputs and the current directory (symbolic links are kept as given).
+    args.out = Path(os.path.abspath(args.out.expanduser()))
+    if not args.out.name:
+        raise ValueError(f"--out {args.out} is the root of the file system; name a new directory")
     if args.work_dir is None:
         args.work_dir = args.out.with_name(args.out.name + ".work")
+    args.work_dir = Path(os.path.abspath(args.work_dir.expanduser()))
     _check_options(args)
     return args
 
@@ -166,7 +191,7 @@ def _check_options(a) -> None:
         problems.append("no training steps: --phase1-steps and --phase2-steps are both 0")
     if a.stop_after is not None and a.stop_after < 1:
         problems.append(f"--stop-after must be >= 1, got {a.stop_after}")
-    if a.chunk_size > a.seq_len or a.seq_len % a.chunk_size:
+    if a.chunk_size >= 1 and a.seq_len >= 1 and (a.chunk_size > a.seq_len or a.seq_len % a.chunk_size):
         problems.append(f"--chunk-size {a.chunk_size} must divide --seq-len {a.seq_len} (chunks tile each sequence)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.batch_size % world:
@@ -177,24 +202,95 @@ def _check_options(a) -> None:
     for name in ("lr", "gate_lr", "temperature", "max_grad_norm"):
         if not getattr(a, name) > 0:
             problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.beta < 0 or a.weight_decay < 0:
-        problems.append("--beta and --weight-decay must be >= 0")
-    if a.resume and a.overwrite:
-        problems.append("--resume and --overwrite exclude each other")
+    for name in ("beta", "weight_decay"):
+        if not getattr(a, name) >= 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    for name in ("lr", "gate_lr", "temperature", "beta", "weight_decay"):  # inf/nan would only end in a NaN loss
+        if getattr(a, name) == float("inf"):
+            problems.append(f"--{name.replace('_', '-')} must be finite, got {getattr(a, name)}")
+    if a.change_lr and not a.resume:
+        problems.append("--change-lr only applies with --resume")
     if problems:
         raise ValueError("inconsistent options: " + "; ".join(problems))
 
 
+WORK_FILES = frozenset({"checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "report.json", "report.json.tmp"})
+
+
+def _within(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or lies inside it (both absolute)."""
+    return path == directory or directory in path.parents
+
+
+def _is_converted_model(path: Path) -> bool:
+    """An existing --out that --overwrite may replace: empty, or a MELT checkpoint (config.json model_type melt)."""
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "melt"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_paths(a, runtime) -> None:
-    if a.out.exists() and not a.overwrite:
-        raise ValueError(f"--out {a.out} already exists; pass --overwrite to replace it" +
-                         (" (a finished conversion cannot be resumed)" if a.resume else ""))
+    """Refuse outputs that would destroy something: the current directory, an input, a directory that is not a
+    converted model or a work directory of this converter. Marks a stale work directory (no checkpoint) for reuse."""
+    here = Path.cwd()
+    for flag, path in (("--out", a.out), ("--work-dir", a.work_dir)):
+        if here == path or path in here.parents:
+            raise ValueError(f"{flag} {path} is the current directory or one above it; name a new directory, "
+                             f"e.g. {flag} ./melt-converted")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a directory; name a directory")
+    if _within(a.work_dir, a.out) or _within(a.out, a.work_dir):
+        raise ValueError(f"--work-dir {a.work_dir} and --out {a.out} must be separate directories, neither inside the other")
+    inputs = [("--ouro", a.ouro), *(("--data", d) for d in a.data)] + ([("--tokenizer", a.tokenizer)] if a.tokenizer else [])
+    for flag, value in inputs:
+        source = Path(value).expanduser()
+        if not source.exists():
+            continue
+        source = Path(os.path.abspath(source))
+        for target_flag, target in (("--out", a.out), ("--work-dir", a.work_dir)):
+            if _within(source, target):
+                raise ValueError(f"{target_flag} {target} holds the input {flag} {value}: the conversion would delete it; "
+                                 f"choose another {target_flag}")
+    if a.out.exists():
+        if not a.overwrite:
+            raise ValueError(f"--out {a.out} already exists; pass --overwrite to replace it" +
+                             (" (a finished conversion cannot be resumed)" if a.resume else ""))
+        if not _is_converted_model(a.out):
+            raise ValueError(f"--out {a.out} is not a converted MELT model (no config.json with model_type 'melt') "
+                             "and not empty: --overwrite refuses to delete it; choose another --out")
     checkpoint = a.work_dir / "checkpoint.pt"
+    foreign = sorted(p.name for p in a.work_dir.iterdir() if p.name not in WORK_FILES) if a.work_dir.is_dir() else []
+    if foreign:
+        raise ValueError(f"work directory {a.work_dir} holds files this converter did not write ({', '.join(foreign[:5])}); "
+                         "pass another --work-dir")
+    a.stale_work_dir = a.work_dir.exists() and not checkpoint.is_file()
     if a.resume and not checkpoint.is_file():
-        raise ValueError(f"--resume: no checkpoint at {checkpoint}")
-    if not a.resume and a.work_dir.exists() and not a.overwrite:
-        raise ValueError(f"work directory {a.work_dir} exists from an earlier run; pass --resume to continue it "
-                         "or --overwrite to start over")
+        raise ValueError(f"--resume: no checkpoint at {checkpoint} (the run stopped before its first checkpoint): "
+                         "nothing to resume, run again without --resume")
+    if not a.resume and checkpoint.is_file() and not a.overwrite:
+        raise ValueError(f"work directory {a.work_dir} holds a checkpoint from an earlier run; pass --resume to continue "
+                         "it or --overwrite to start over")
+
+
+def _retry_command(argv: list[str], a, resume: bool) -> str:
+    """The command line that continues after a non-finite loss: this one with lower learning rates, and
+    --resume --change-lr when a checkpoint exists (else --overwrite, to start over)."""
+    dropped = {"--resume", "--change-lr", "--overwrite"}
+    valued = {"--lr", "--gate-lr"}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in valued:
+            skip = True
+        elif arg not in dropped and arg.split("=", 1)[0] not in valued:
+            kept.append(arg)
+    extra = ["--resume", "--change-lr"] if resume else ["--overwrite"]
+    extra += ["--lr", f"{a.lr / 4:.3g}", "--gate-lr", f"{a.gate_lr / 4:.3g}"]
+    return shlex.join(["python", "-m", "convert.from_ouro", *kept, *extra])
 
 
 def _load_models(a, runtime):
@@ -249,10 +345,44 @@ def _full_student(student, a, runtime):
     return plain.eval()
 
 
+MODEL_CARD = """# {name}
+
+A MELT model (one gated key/value row per token per layer) converted from the Ouro checkpoint `{ouro}` by
+`python -m convert.from_ouro`; `report.json` compares it with its teacher per loop, `train_log.jsonl` has every step.
+
+```python
+from melt import MeltForCausalLM                       # with the melt package installed
+model = MeltForCausalLM.from_pretrained("{out}")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer   # without it
+model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{out}", trust_remote_code=True)
+```
+
+The tokenizer needs no custom code, but `AutoTokenizer` reads `config.json` first, whose `auto_map` names MELT's
+modeling code: without `trust_remote_code=True` (or `import melt` beforehand) it asks whether to run that code.
+`PreTrainedTokenizerFast.from_pretrained("{out}")` loads it without asking.
+"""
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -> None:
+    """Write the converted model to a temporary sibling of --out, then rename it into place (an --overwrite'n
+    --out is kept until the new one is complete). Any failure removes the temporary directory and raises an
+    OSError naming the path and saying that --resume finishes without retraining."""
     out = a.out
     staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    previous = out.with_name(f".{out.name}.{os.getpid()}.old")
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         model.config.use_cache = True
         model.save_pretrained(staging)
@@ -262,11 +392,30 @@ def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if (work_dir / "log.jsonl").is_file():
             shutil.copy2(work_dir / "log.jsonl", staging / "train_log.jsonl")
+        (staging / "README.md").write_text(MODEL_CARD.format(name=out.name, ouro=a.ouro, out=out))
         if out.exists():  # --overwrite
-            shutil.rmtree(out)
+            os.rename(out, previous)
         os.rename(staging, out)
+    except BaseException as err:
+        if previous.exists() and not out.exists():
+            os.rename(previous, out)
+        if not isinstance(err, Exception) or isinstance(err, training.Interrupted):
+            raise
+        kept = f"the trained weights are safe in {work_dir / 'checkpoint.pt'}"
+        then = "rerun the same command with --resume added (no retraining)"
+        if training.is_disk_full(err):
+            raise training.os_error(
+                errno.ENOSPC, f"no space left on device while writing the converted model to {staging} "
+                f"({training.free_bytes(out.parent)}); {kept}: free space there, then {then}"
+            ) from err
+        raise training.os_error(
+            getattr(err, "errno", None) or errno.EIO,
+            f"writing the converted model to {staging} failed ({type(err).__name__}: {err}); {kept}: fix the cause, then {then}",
+        ) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(previous, ignore_errors=True)
 
 
 def _push(out: Path, repo: str) -> None:
@@ -284,22 +433,28 @@ def _push(out: Path, repo: str) -> None:
 def run(argv=None) -> dict | None:
     """Convert as `argv` says; returns the report (rank 0) or None. Raises on bad inputs and failures."""
     a = resolve_options(argv)
-    from melt.ouro_checkpoint import resolve_checkpoint_dir
-    from transformers import AutoTokenizer
+    from melt.ouro_checkpoint import looks_like_local_path, resolve_checkpoint_dir
+    from transformers import AutoTokenizer, PreTrainedConfig
 
+    a.retry_command = functools.partial(_retry_command, list(sys.argv[1:] if argv is None else argv), a)
     runtime = training.init_runtime(a.device)
     try:
         torch.manual_seed(a.seed)
         _check_paths(a, runtime)
-        ouro_dir = resolve_checkpoint_dir(a.ouro)
+        ouro_dir = resolve_checkpoint_dir(a.ouro, what="--ouro checkpoint")
+        if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
+            raise ValueError(f"--tokenizer {a.tokenizer} is a file; pass the directory that holds tokenizer.json")
+        if a.tokenizer and looks_like_local_path(a.tokenizer) and not Path(a.tokenizer).expanduser().is_dir():
+            raise ValueError(f"--tokenizer directory {a.tokenizer} does not exist (and it is not a Hub id); check the path")
         teacher, student = _load_models(a, runtime)
         tokenizer_source = a.tokenizer or ouro_dir
         try:
-            # `config=`: the tokenizer class comes from tokenizer_config.json; without it transformers would parse the
-            # Ouro config.json (a model type it does not know) only to warn about it.
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=student.config)
+            # A config is passed so that AutoTokenizer does not read config.json: Ouro's names its remote code in
+            # auto_map, and reading it would ask "Do you wish to run the custom code?" (a 15 s prompt).
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=PreTrainedConfig())
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a tokenizer from {tokenizer_source} ({err}); pass --tokenizer") from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot load a tokenizer from {tokenizer_source} ({first}); pass --tokenizer") from err
         train_rows, eval_rows = _load_data(a, tokenizer, teacher.config.vocab_size)
         if a.gradient_checkpointing:
             student.activation_checkpointing_enable()
@@ -309,8 +464,8 @@ def run(argv=None) -> dict | None:
         student = training.prepare_model(student, runtime)
 
         if runtime.is_main:
-            if a.overwrite and a.work_dir.exists():
-                shutil.rmtree(a.work_dir)
+            if a.work_dir.exists() and ((a.overwrite and not a.resume) or a.stale_work_dir):
+                shutil.rmtree(a.work_dir)  # only this converter's files (checked above)
             a.work_dir.mkdir(parents=True, exist_ok=True)
             tokens = a.batch_size * a.seq_len
             print(f"converting {a.ouro} -> {a.out} (preset {a.preset}): {train_rows.shape[0]} training sequences of "
@@ -331,31 +486,20 @@ def run(argv=None) -> dict | None:
         final = _full_student(student, a, runtime)
         report = None
         if runtime.is_main:
-            from melt import MeltForCausalLM
-
-            eval_device = runtime.device
-            plain_teacher = MeltForCausalLM.from_ouro(a.ouro, cache_mode="per_loop", dtype=torch.float32,
-                                                      chunk_size=a.chunk_size).to(eval_device)
-            last = MeltForCausalLM.from_ouro(a.ouro, cache_mode="shared", gate_type="last", dtype=torch.float32,
-                                             chunk_size=a.chunk_size).to(eval_device)
-            comparison = compare_to_teacher(plain_teacher, {"student": final.to(eval_device), "last (no training)": last},
-                                            eval_rows, a.eval_batch_size, eval_device, autocast)
-            final.cpu()
-            report = {
-                "ouro": a.ouro, "data": a.data, "preset": a.preset, "gate_type": a.gate_type,
-                "steps": {"phase1": a.phase1_steps, "phase2": a.phase2_steps}, "interpolation": not a.no_interpolation,
-                "seq_len": a.seq_len, "chunk_size": a.chunk_size, "batch_size": a.batch_size,
-                "processes": runtime.world, "device": runtime.device.type, "train_seconds": round(train_seconds, 1),
-                "heldout": {"sequences": int(eval_rows.shape[0]), "tokens": int(eval_rows.numel())},
-                "per_loop": comparison,
-                "student_closer_than_last": sum(comparison["student"]["kl"]) < sum(comparison["last (no training)"]["kl"]),
-            }
-            _write_output(a, final, Path(a.tokenizer) if a.tokenizer and Path(a.tokenizer).is_dir() else ouro_dir,
-                          report, a.work_dir)
+            report_path = a.work_dir / "report.json"
+            if a.resume and report_path.is_file():  # the evaluation finished before an interrupted final write
+                report = json.loads(report_path.read_text())
+            else:
+                with training.raise_on_signals(total, "evaluation"):
+                    report = _evaluate(a, final, eval_rows, runtime, autocast, train_seconds)
+                    _write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
+            with training.raise_on_signals(total, "final write"):
+                _write_output(a, final, Path(a.tokenizer) if a.tokenizer and Path(a.tokenizer).is_dir() else ouro_dir,
+                              report, a.work_dir)
             if not a.keep_work_dir:
                 shutil.rmtree(a.work_dir, ignore_errors=True)
             print("held-out comparison with the teacher (KL(teacher || model) per token, next-token CE), per loop:")
-            print(format_report(comparison))
+            print(format_report(report["per_loop"]))
             print(f"wrote {a.out}")
             if a.push_to_hub:
                 _push(a.out, a.push_to_hub)
@@ -366,15 +510,46 @@ def run(argv=None) -> dict | None:
             torch.distributed.destroy_process_group()
 
 
+def _evaluate(a, final, eval_rows, runtime, autocast, train_seconds) -> dict:
+    """The report: teacher vs trained student vs the training-free `last` conversion on the held-out rows."""
+    from melt import MeltForCausalLM
+
+    eval_device = runtime.device
+    plain_teacher = MeltForCausalLM.from_ouro(a.ouro, cache_mode="per_loop", dtype=torch.float32,
+                                              chunk_size=a.chunk_size).to(eval_device)
+    last = MeltForCausalLM.from_ouro(a.ouro, cache_mode="shared", gate_type="last", dtype=torch.float32,
+                                     chunk_size=a.chunk_size).to(eval_device)
+    comparison = compare_to_teacher(plain_teacher, {"student": final.to(eval_device), "last (no training)": last},
+                                    eval_rows, a.eval_batch_size, eval_device, autocast)
+    final.cpu()
+    return {
+        "ouro": a.ouro, "data": a.data, "preset": a.preset, "gate_type": a.gate_type,
+        "steps": {"phase1": a.phase1_steps, "phase2": a.phase2_steps}, "interpolation": not a.no_interpolation,
+        "seq_len": a.seq_len, "chunk_size": a.chunk_size, "batch_size": a.batch_size,
+        "processes": runtime.world, "device": runtime.device.type, "train_seconds": round(train_seconds, 1),
+        "heldout": {"sequences": int(eval_rows.shape[0]), "tokens": int(eval_rows.numel())},
+        "per_loop": comparison,
+        "student_closer_than_last": sum(comparison["student"]["kl"]) < sum(comparison["last (no training)"]["kl"]),
+    }
+
+
 def main(argv=None) -> int:
     """Command-line entry: errors are printed as one line (no traceback) with a non-zero status."""
     try:
         run(argv)
     except training.Interrupted as stop:
-        print(f"{stop}; checkpoint saved, continue with --resume", file=sys.stderr)
+        if stop.stage == "training":
+            print(f"{stop}; checkpoint saved, continue with --resume", file=sys.stderr)
+        else:
+            print(f"{stop}; the trained weights are checkpointed: rerun the same command with --resume added to "
+                  f"finish the {stop.stage} without retraining", file=sys.stderr)
         return 128 + stop.signum
+    except KeyboardInterrupt:  # outside training and its stages (loading models or data)
+        print("interrupted; run the command again (with --resume if the work directory holds a checkpoint.pt)",
+              file=sys.stderr)
+        return 130
     except (ValueError, OSError, training.NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 1
     return 0
 

@@ -11,17 +11,23 @@
 * Checkpoint (`<work>/checkpoint.pt`): full (unsharded) model and optimizer state keyed by parameter name,
   the scheduler, the step (= data position), the RNG states and the options that must not change on
   resume; written to a temporary file and renamed, so the previous one survives a crash mid-write.
+  The last step is always checkpointed, so the trained weights are on disk before the evaluation and the
+  final write (both resumable: `--resume` after a complete training goes straight to them). A failed write
+  removes its temporary file and says which file system ran out of space.
 * SIGTERM/SIGINT: the current step finishes, a checkpoint is written, and the run stops (`Interrupted`).
+  After training (`raise_on_signals`), either signal stops the evaluation or the final write at once.
 * A non-finite loss raises `NonFiniteLoss` before the optimizer step: the weights on disk (the last
-  checkpoint) are the last good ones.
+  checkpoint) are the last good ones. `--resume --change-lr` continues from them with new learning rates.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import random
 import signal
 import time
@@ -42,9 +48,45 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}")
-        self.signum, self.step = signum, step
+    """SIGTERM/SIGINT stopped the run: during `stage` "training" after `step` steps (checkpointed), or during the
+    "evaluation" / "final write" that follow a complete, checkpointed training."""
+
+    def __init__(self, signum: int, step: int, stage: str = "training"):
+        where = f"after step {step}" if stage == "training" else f"during the {stage} (training complete, step {step})"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {where}")
+        self.signum, self.step, self.stage = signum, step, stage
+
+
+LR_OPTIONS = ("lr", "gate_lr")  # fingerprint entries that `--resume --change-lr` may change
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` (or an exception it was raised from) is a full disk or quota: Python's OSError, or the
+    text of safetensors' / torch's own write errors."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in ("No space left", "os error 28", "Disk quota exceeded", "os error 122")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def os_error(code: int, message: str) -> OSError:
+    """An OSError with `errno` set whose text is `message` alone (OSError(code, message) prints "[Errno N] ...")."""
+    err = OSError(message)
+    err.errno = code
+    return err
+
+
+def free_bytes(path: Path) -> str:
+    """Free space on the file system of `path` (or of its nearest existing parent), for error messages."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return f"{shutil.disk_usage(candidate).free:,} bytes free on {candidate}"
+    return "free space unknown"
 
 
 @dataclass
@@ -159,25 +201,61 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, fingerpr
             "rng": _rng_state(), "fingerprint": fingerprint, "world_size": runtime.world,
         }
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: the previous checkpoint stays valid until this rename
+        try:
+            with open(tmp, "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC), not torch's "unexpected pos"
+                torch.save(payload, file)
+            os.replace(tmp, path)  # atomic: the previous checkpoint stays valid until this rename
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, Exception) and is_disk_full(err):
+                kept = ("the previous checkpoint is intact", "continue with --resume") if path.exists() else \
+                    ("no earlier checkpoint exists", "run the same command again (nothing to resume)")
+                raise os_error(
+                    errno.ENOSPC, f"no space left on device while writing the checkpoint {path} of step {step} "
+                    f"({free_bytes(path.parent)}); {kept[0]}: free space there (or pass --work-dir on a larger disk), "
+                    f"then {kept[1]}"
+                ) from err
+            raise
     runtime.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict) -> int:
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's payload; a file that cannot be read raises one ValueError naming it."""
+    try:
+        # Our own file (it holds Python/NumPy RNG states, which weights_only loading rejects).
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign: torch raises RuntimeError, EOFError, UnpicklingError ...
+        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); it is truncated or not "
+                         "this converter's: start over with --overwrite") from None
+    if not isinstance(payload, dict) or not {"step", "model", "optimizer", "fingerprint"} <= set(payload):
+        raise ValueError(f"{path} is not a checkpoint of this converter; start over with --overwrite")
+    return payload
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict, change_lr: bool = False) -> int:
+    """Restore `path` into the model, optimizer, scheduler and RNGs; returns its step. The options in
+    `fingerprint` must equal the checkpoint's, except the learning rates when `change_lr` (then the new rates
+    replace the checkpoint's, warm-up position kept)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    # Our own file (it holds Python/NumPy RNG states, which weights_only loading rejects).
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(path)
     changed = {k: (payload["fingerprint"].get(k), v) for k, v in fingerprint.items() if payload["fingerprint"].get(k) != v}
+    if change_lr:
+        changed = {k: v for k, v in changed.items() if k not in LR_OPTIONS}
     if changed:
         detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(f"--resume with options that differ from the checkpoint's ({detail}); use the same options")
+        only_lr = "" if change_lr else " (to change only --lr/--gate-lr, add --change-lr)"
+        raise ValueError(f"--resume with options that differ from the checkpoint's ({detail}); use the same options{only_lr}")
     set_state_dict(
         model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
     scheduler.load_state_dict(payload["scheduler"])
+    if change_lr:
+        base = {"ouro": fingerprint["lr"], "gate": fingerprint["gate_lr"]}
+        for i, group in enumerate(optimizer.param_groups):
+            group["initial_lr"] = scheduler.base_lrs[i] = base[group["name"]]
+            group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
     _set_rng_state(payload["rng"])
     return payload["step"]
 
@@ -202,6 +280,35 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a crash or a full disk counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+@contextlib.contextmanager
+def raise_on_signals(step: int, stage: str):
+    """SIGTERM/SIGINT raise `Interrupted(signum, step, stage)` at once (the work is already checkpointed, so
+    nothing is gained by finishing `stage`); restore the handlers after."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum, step, stage)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
 def train(
     student, teacher, rows: torch.Tensor, opts, runtime: Runtime, work_dir: Path, fingerprint: dict,
     autocast, resume: bool,
@@ -219,9 +326,9 @@ def train(
     log_path = work_dir / "log.jsonl"
     start = 0
     if resume:
-        start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint)
+        start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint, getattr(opts, "change_lr", False))
         if runtime.is_main and log_path.exists():  # drop steps after the checkpoint: they are redone
-            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+            kept = [line for line in log_path.read_text(errors="replace").splitlines() if _logged_step(line) < start]
             log_path.write_text("".join(line + "\n" for line in kept))
     end = total if opts.stop_after is None else min(total, start + opts.stop_after)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -258,11 +365,17 @@ def train(
                     terms += torch.stack([kd.detach(), align.detach(), loss.detach()]).double().cpu() / n_micro
                 terms = runtime.all_mean(terms)
                 if not bool(torch.isfinite(terms).all()):
-                    last = "none was written yet" if not checkpoint.exists() else f"{checkpoint} holds the last good state"
+                    if checkpoint.exists():
+                        last = f"{checkpoint} holds the last good state"
+                        advice = "continue from it with lower learning rates"
+                    else:
+                        last, advice = "none was written yet", "start over with lower learning rates"
+                    command = opts.retry_command(resume=checkpoint.exists()) if hasattr(opts, "retry_command") else None
+                    how = f": {command}" if command else " (--resume --change-lr --lr ... --gate-lr ...)"
                     raise NonFiniteLoss(
                         f"non-finite loss at step {step} (phase {phase}, alpha {alpha:.3f}): kd={terms[0].item()}, "
                         f"align={terms[1].item()}; training stopped before the optimizer step. Checkpoint: {last}. "
-                        "Lower --lr/--gate-lr or check the data, then continue with --resume."
+                        f"Check the data, or {advice}{how}"
                     )
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):
@@ -285,9 +398,9 @@ def train(
                 done = step + 1
                 stop = torch.tensor([float(received[0]) if received else 0.0])
                 stop = runtime.all_mean(stop) * runtime.world if runtime.world > 1 else stop
+                # The last step is checkpointed too: the evaluation and the final write then never risk the training.
                 if stop.item() or done == end or (opts.checkpoint_every and done % opts.checkpoint_every == 0):
-                    if done < total or stop.item():
-                        save_checkpoint(checkpoint, student, optimizer, scheduler, done, fingerprint, runtime)
+                    save_checkpoint(checkpoint, student, optimizer, scheduler, done, fingerprint, runtime)
                 if stop.item():
                     signum = received[0] if received else signal.SIGTERM
                     raise Interrupted(signum, done)

@@ -89,6 +89,38 @@ class MeltConfig(PreTrainedConfig):
         super().__init__(**kwargs)
         self.validate_melt()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reader, refusing another model's config.json by name (transformers only warns, then
+        builds a MELT model of default shape with random weights: an Ouro checkpoint would load that way)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found is not None and found != cls.model_type:
+            hint = (
+                f"convert it with MeltForCausalLM.from_ouro({str(pretrained_model_name_or_path)!r}) or "
+                f"`python -m convert.from_ouro --ouro {pretrained_model_name_or_path} --data ... --out ...`"
+                if found == "ouro" else "pass a MELT checkpoint (a directory written by save_pretrained or convert.from_ouro)"
+            )
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not a MELT checkpoint: its config.json has model_type {found!r}, "
+                f"expected {cls.model_type!r}; {hint}"
+            )
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """transformers' constructor, then `validate_melt`: keyword overrides at load time
+        (`from_pretrained(dir, gate_type=...)`) are set as attributes after `__init__`, past its checks."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        try:
+            config.validate_melt()
+        except ValueError as err:
+            overridden = sorted(k for k in kwargs if k in config_dict or hasattr(config, k))
+            where = f" (keyword arguments given: {', '.join(overridden)})" if overridden else ""
+            raise ValueError(f"{err}{where}") from None
+        return result
+
     def validate_melt(self) -> None:
         """Raise one clear error naming the field for any setting the model cannot run with."""
         for name in (

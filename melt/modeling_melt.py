@@ -848,3 +848,29 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         from .ouro_checkpoint import load_ouro
 
         return load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, config_overrides)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MeltForCausalLM":
+        """transformers' loader, naming the weight file it cannot read (its SafetensorError names none). Foreign
+        checkpoints (an Ouro one) and bad config overrides are refused by `MeltConfig` before any weight is read."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            import os
+
+            from safetensors import safe_open
+
+            bad = []
+            directory = os.fspath(pretrained_model_name_or_path)
+            for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+                if name.endswith(".safetensors"):
+                    try:
+                        with safe_open(os.path.join(directory, name), framework="pt"):
+                            pass
+                    except Exception:
+                        bad.append(os.path.join(directory, name))
+            where = ", ".join(bad) if bad else f"a weight file of {directory}"
+            raise ValueError(f"{where} is not a readable safetensors file ({err}); it is truncated or corrupt: "
+                             "download or copy it again") from None

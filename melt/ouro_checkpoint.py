@@ -8,8 +8,11 @@ project's, so the weight map is the identity; the only new tensors are the MELT 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,16 +29,35 @@ _COPIED = (
 )
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+# A Hub repository id: `name` or `owner/name` (huggingface_hub's rule, without its length limit).
+_HUB_ID = re.compile(r"(?!\.)[\w.-]+(/(?!\.)[\w.-]+)?")
+# Keywords of `from_ouro` besides MeltConfig fields: transformers' names for the same things.
+_DTYPE_ALIASES = ("torch_dtype",)
 
 
-def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+def looks_like_local_path(path_or_hub_id: str | os.PathLike) -> bool:
+    """Whether a string can only mean a local path: a `Path`, an absolute or `./`, `../`, `~` path, or a string
+    with more than one `/` (a Hub id is `name` or `owner/name`)."""
+    if isinstance(path_or_hub_id, os.PathLike):
+        return True
+    text = str(path_or_hub_id)
+    return os.path.isabs(text) or text.startswith(("~", ".")) or not _HUB_ID.fullmatch(text)
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None, what: str = "checkpoint") -> Path:
     """A local directory as it is; anything else is a Hub id fetched with huggingface_hub (config, safetensors,
-    tokenizer files only)."""
-    path = Path(path_or_hub_id)
+    tokenizer files only). A missing path that cannot be a Hub id is reported as a missing directory."""
+    if not str(path_or_hub_id).strip():
+        raise ValueError(f"the {what} path is empty; pass an Ouro checkpoint directory or a Hub id")
+    path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub ids, but {path} is a local directory; drop revision")
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        raise ValueError(f"{path} is a file; pass the {what} directory that holds config.json")
+    if looks_like_local_path(path_or_hub_id):
+        raise ValueError(f"{what} directory {path} does not exist (and it is not a Hub id); check the path")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -47,6 +69,73 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | No
             f"({type(err).__name__}: {err}). This machine may be offline: download the checkpoint where the Hub "
             "is reachable (huggingface-cli download ID --local-dir DIR) and pass DIR."
         ) from err
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or one ValueError naming the file (truncated, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the {what} is truncated or corrupt; "
+                         "download or write it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object a {what} must be")
+    return data
+
+
+def _config_fields() -> set[str]:
+    parameters = inspect.signature(MeltConfig.__init__).parameters
+    return {name for name, p in parameters.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+
+
+def check_from_ouro_keywords(overrides: dict) -> dict:
+    """`from_ouro`'s keyword arguments beyond its own: MeltConfig fields only, each refused by name otherwise
+    (a typo such as `nmu_loops` must not become a silently ignored config attribute)."""
+    fields = _config_fields() - {"cache_mode", "gate_type"}
+    unknown = sorted(set(overrides) - fields - set(_DTYPE_ALIASES) - {"device_map"})
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(fields | {"dtype", "revision"}), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"from_ouro() got unknown keyword argument(s) {', '.join(hints)}; it accepts cache_mode, gate_type, dtype, "
+            f"revision, device_map and MeltConfig fields ({', '.join(sorted(fields))})"
+        )
+    return overrides
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """`dtype` as transformers accepts it: None or "auto" (the checkpoint's), a torch dtype, or its name
+    ("bfloat16", "torch.float16", ...). Floating point only: the model computes in it."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    resolved = dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point torch dtype; pass torch.bfloat16, 'bfloat16', 'float16', "
+            "'float32' or 'auto' (the checkpoint's own)"
+        )
+    return resolved
+
+
+def _resolve_device(device_map):
+    """A single device, as `device_map` may name one ("cpu", "cuda:0", 0, torch.device); no placement maps."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        return torch.device("cuda", device_map)
+    try:
+        if isinstance(device_map, (str, torch.device)) and device_map != "auto":
+            return torch.device(device_map)
+    except (RuntimeError, ValueError):
+        pass
+    raise ValueError(
+        f"device_map={device_map!r}: from_ouro places the whole model on one device; pass a device such as "
+        "'cpu' or 'cuda:0' (or call .to(device) after loading)"
+    )
 
 
 def ouro_config_to_melt(ouro: dict, cache_mode: str, gate_type: str, overrides: dict) -> MeltConfig:
@@ -63,13 +152,22 @@ def ouro_config_to_melt(ouro: dict, cache_mode: str, gate_type: str, overrides: 
     fields.update({new: ouro[old] for old, new in _RENAMED.items() if ouro.get(old) is not None})
     fields.update(cache_mode=cache_mode, gate_type=gate_type)
     fields.update(overrides)
-    return MeltConfig(**fields)
+    try:
+        return MeltConfig(**fields)
+    except (TypeError, ValueError) as err:
+        given = f" (keyword arguments given: {', '.join(sorted(overrides))})" if overrides else ""
+        raise ValueError(f"the Ouro config cannot be used: {err}{given}") from None
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no 'weight_map' object of tensor name -> shard file name; write it again")
+        outside = sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")})
+        if outside:  # a shard is a file beside the index, never a path elsewhere
+            raise ValueError(f"{index} names shard files outside {directory}: {outside}")
         files = sorted({directory / name for name in weight_map.values()})
         missing = [str(f.name) for f in files if not f.is_file()]
         if missing:
@@ -83,14 +181,42 @@ def _weight_files(directory: Path) -> list[Path]:
     raise ValueError(f"no safetensors weights in {directory}: expected one of {_WEIGHT_FILES}{hint}")
 
 
+def _read_tensors(file: Path):
+    """(name, tensor) pairs of one safetensors file; a file that is not one (empty, truncated, random bytes)
+    raises one ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        size = file.stat().st_size if file.exists() else 0
+        raise ValueError(
+            f"{file} ({size} bytes) is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+            "truncated or corrupt: download or copy it again"
+        ) from None
+
+
 def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overrides):
-    from safetensors import safe_open
+    overrides = dict(check_from_ouro_keywords(overrides))
+    aliases = [name for name in _DTYPE_ALIASES if name in overrides]
+    if aliases:
+        if dtype is not None:
+            raise ValueError(f"pass the dtype once: dtype={dtype!r} and {aliases[0]}={overrides[aliases[0]]!r} were both given")
+        dtype = overrides.pop(aliases[0])
+    dtype = resolve_dtype(dtype)
+    device = _resolve_device(overrides.pop("device_map", None))
 
     directory = resolve_checkpoint_dir(path_or_hub_id, revision)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ValueError(f"no config.json in {directory}: not a Hugging Face checkpoint directory")
-    config = ouro_config_to_melt(json.loads(config_path.read_text()), cache_mode, gate_type, overrides)
+    ouro = read_json_object(config_path, "checkpoint config")
+    try:
+        config = ouro_config_to_melt(ouro, cache_mode, gate_type, overrides)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
 
     with torch.device("meta"):
         model = cls(config)
@@ -101,16 +227,17 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
 
     state, unexpected, misshaped, present = {}, [], [], set()
     for file in _weight_files(directory):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                present.add(name)
-                tensor = f.get_tensor(name)
-                if name not in expected or name in new:
-                    unexpected.append(name)
-                elif tuple(tensor.shape) != expected[name]:
-                    misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, config implies {expected[name]}")
-                else:
-                    state[name] = tensor if dtype is None else tensor.to(dtype)
+        for name, tensor in _read_tensors(file):
+            if name in present:
+                unexpected.append(f"{name} (again, in {file.name})")
+                continue
+            present.add(name)
+            if name not in expected or name in new:
+                unexpected.append(name)
+            elif tuple(tensor.shape) != expected[name]:
+                misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, config implies {expected[name]}")
+            else:
+                state[name] = tensor if dtype is None else tensor.to(dtype)
     missing = sorted(set(expected) - new - present)
     if missing or unexpected or misshaped:
         problems = []
@@ -130,4 +257,4 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
             model._init_weights(module)
     config.dtype = param_dtype
     model.eval()
-    return model
+    return model if device is None else model.to(device)

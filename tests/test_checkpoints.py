@@ -220,3 +220,130 @@ def test_from_ouro_never_unpickles_and_explains_offline_hub(ouro_checkpoint, mon
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     with pytest.raises(OSError, match="offline"):
         MeltForCausalLM.from_ouro("ByteDance/Ouro-1.4B-Thinking")
+
+
+# hostile inputs to the loaders (issue 15) ---------------------------------------------------------------------
+
+
+def test_from_ouro_names_a_missing_absolute_path_without_asking_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for missing in (str(tmp_path / "does" / "not" / "exist"), "./not-here", "a/b/c", tmp_path / "gone"):
+        with pytest.raises(ValueError, match="does not exist"):
+            MeltForCausalLM.from_ouro(missing)
+    with pytest.raises(ValueError, match="empty"):
+        MeltForCausalLM.from_ouro("")
+
+
+def _write_bytes(name, data):
+    return lambda d: (d / name).write_bytes(data)
+
+
+def _truncate(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "edit,file,match",
+    [
+        (_write_bytes("config.json", b'{"model_type": "ouro", '), "config.json", "is not valid JSON"),
+        (_write_bytes("config.json", b"[1, 2]"), "config.json", "JSON list"),
+        (_write_bytes("model.safetensors", b""), "model.safetensors", r"\(0 bytes\) is not a readable safetensors"),
+        (_write_bytes("model.safetensors", bytes(range(256)) * 40), "model.safetensors", "not a readable safetensors"),
+        (_truncate, "model.safetensors", "truncated or corrupt"),
+        (_write_bytes("model.safetensors.index.json", b'{"weight_map": {"a": '), "model.safetensors.index.json",
+         "is not valid JSON"),
+        (_write_bytes("model.safetensors.index.json", b'{"weight_map": {"a": "../elsewhere.safetensors"}}'),
+         "model.safetensors.index.json", "outside"),
+        (_write_bytes("model.safetensors.index.json", b'{"metadata": {}}'), "model.safetensors.index.json", "weight_map"),
+    ],
+    ids=["config-truncated", "config-not-object", "weights-empty", "weights-random", "weights-truncated",
+         "index-truncated", "index-escapes", "index-no-map"],
+)
+def test_from_ouro_names_the_corrupt_file(ouro_checkpoint, edit, file, match):
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "bad", state, config)
+    edit(directory)
+    with pytest.raises(ValueError, match=match) as err:
+        MeltForCausalLM.from_ouro(directory)
+    assert str(directory / file) in str(err.value)
+
+
+def test_from_ouro_refuses_unknown_keywords_and_accepts_transformers_dtypes(ouro_checkpoint):
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, config)
+    with pytest.raises(TypeError, match=r"'nmu_loops' \(did you mean 'num_loops'\?\)"):
+        MeltForCausalLM.from_ouro(directory, nmu_loops=8)
+    with pytest.raises(TypeError, match="'low_cpu_mem_usage'"):
+        MeltForCausalLM.from_ouro(directory, low_cpu_mem_usage=True)
+    for dtype in ("bfloat16", "torch.bfloat16", torch.bfloat16):
+        model = MeltForCausalLM.from_ouro(directory, dtype=dtype)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert model.model.layers[0].gate.W.dtype == torch.bfloat16  # the new gate tensors too
+    assert MeltForCausalLM.from_ouro(directory, torch_dtype="float16").lm_head.weight.dtype == torch.float16
+    assert MeltForCausalLM.from_ouro(directory, dtype="auto").lm_head.weight.dtype == torch.float32  # the checkpoint's
+    for bad in ("bf16", "int8", torch.int64):
+        with pytest.raises(ValueError, match="not a floating-point torch dtype"):
+            MeltForCausalLM.from_ouro(directory, dtype=bad)
+    with pytest.raises(ValueError, match="once"):
+        MeltForCausalLM.from_ouro(directory, dtype="float32", torch_dtype="float16")
+    assert MeltForCausalLM.from_ouro(directory, device_map="cpu").lm_head.weight.device.type == "cpu"
+    with pytest.raises(ValueError, match="one device"):
+        MeltForCausalLM.from_ouro(directory, device_map="auto")
+    with pytest.raises(ValueError, match="revision"):
+        MeltForCausalLM.from_ouro(directory, revision="main")
+    with pytest.raises(ValueError, match=r"config.json: .*num_loops must be an integer >= 1, got 0"):
+        MeltForCausalLM.from_ouro(directory, num_loops=0)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [({"gate_type": "foo"}, "gate_type"), ({"chunk_size": 0}, "chunk_size"), ({"cache_mode": "foo"}, "cache_mode"),
+     ({"num_loops": 0}, "num_loops"), ({"early_exit_threshold": 2.0}, "early_exit_threshold")],
+    ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else None,
+)
+def test_from_pretrained_validates_overrides_at_load(tmp_path, override, match):
+    from melt import MeltConfig
+
+    tiny_model().save_pretrained(tmp_path)
+    for load in (MeltForCausalLM.from_pretrained, MeltConfig.from_pretrained):
+        with pytest.raises(ValueError, match=rf"MeltConfig.{match} .*\(keyword arguments given: {match}\)"):
+            load(tmp_path, **override)
+    assert MeltConfig.from_pretrained(tmp_path, num_loops=6).num_loops == 6  # valid overrides still apply
+
+
+def test_from_pretrained_refuses_an_ouro_checkpoint_and_points_to_from_ouro(ouro_checkpoint):
+    from melt import MeltConfig
+
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, {**config, "total_ut_steps": 2})
+    for load in (MeltForCausalLM.from_pretrained, MeltConfig.from_pretrained):
+        with pytest.raises(ValueError, match=r"model_type 'ouro'.*from_ouro"):
+            load(directory)
+    other = write_ouro(tmp_path / "llama", state, {**config, "model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type 'llama', expected 'melt'"):
+        MeltForCausalLM.from_pretrained(other)
+    assert MeltForCausalLM.from_ouro(directory).config.num_loops == 2  # the right door still opens
+
+
+def test_from_ouro_reports_a_tensor_stored_twice(ouro_checkpoint):
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, config, shards=2)
+    save_file({"model.norm.weight": state["model.norm.weight"]}, directory / "extra.safetensors")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight.copy"] = "extra.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"1 unexpected: model.norm.weight \(again, in model-00001-of-00002.safetensors\)"):
+        MeltForCausalLM.from_ouro(directory)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_from_pretrained_names_an_unreadable_weight_file(tmp_path, damage):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:-100])
+    for load in (MeltForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+            load(tmp_path)

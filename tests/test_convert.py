@@ -3,6 +3,7 @@ bad inputs, output loading, NaN guard. A tiny random Ouro checkpoint and a small
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -342,7 +343,9 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ouro_dir, data_file, tmp_path, monkeypatch):
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_its_advice_works(ouro_dir, data_file, tmp_path, monkeypatch):
+    import shlex
+
     calls = {"n": 0}
     real_kd = distill.kd_loss_from_hidden
 
@@ -353,13 +356,41 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ouro_dir, data_file, 
 
     monkeypatch.setattr(distill, "kd_loss_from_hidden", poisoned)
     out = tmp_path / "out"
-    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3"):
-        from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "6", "--phase2-steps", "0", "--checkpoint-every", "2"))
+    argv = _args(ouro_dir, data_file, out, "--phase1-steps", "6", "--phase2-steps", "0", "--checkpoint-every", "2")
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at step 3") as err:
+        from_ouro.run(argv)
     assert not out.exists()
     checkpoint = torch.load(tmp_path / "out.work" / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
     assert [r["step"] for r in _log(tmp_path / "out.work" / "log.jsonl")] == [0, 1, 2]
+
+    # The advice is a command line that works as it is printed: resume with lower learning rates.
+    command = str(err.value).split("lower learning rates: ", 1)[1]
+    words = shlex.split(command)
+    assert words[:3] == ["python", "-m", "convert.from_ouro"] and "--resume" in words and "--change-lr" in words
+    monkeypatch.setattr(distill, "kd_loss_from_hidden", real_kd)
+    from_ouro.run(words[3:])
+    log = _log(out / "train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(6))
+    lr = float(words[words.index("--lr") + 1])
+    assert lr < 1e-3 and log[5]["lr_ouro"] == lr and log[2]["lr_ouro"] == pytest.approx(lr * 3 / 5)  # warm-up kept
+    assert log[1]["lr_ouro"] == pytest.approx(1e-3 * 2 / 5)
+
+
+def test_resume_refuses_a_changed_lr_unless_asked(ouro_dir, data_file, tmp_path):
+    steps = ["--phase1-steps", "3", "--phase2-steps", "0"]
+    out = tmp_path / "out"
+    assert from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--stop-after", "1")) is None
+    with pytest.raises(ValueError, match=r"differ from the checkpoint's \(lr: .*add --change-lr"):
+        from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--lr", "1e-4"))
+    with pytest.raises(ValueError, match="seed"):  # --change-lr allows the learning rates only
+        from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--change-lr", "--seed", "3"))
+    with open(tmp_path / "out.work" / "log.jsonl", "a") as log:  # a line cut short by a crash does not block --resume
+        log.write('{"step": 1, "loss": 0.')
+    from_ouro.run(_args(ouro_dir, data_file, out, *steps, "--resume", "--change-lr", "--gate-lr", "2e-3"))
+    lrs = [r["lr_gate"] for r in _log(out / "train_log.jsonl")]
+    assert lrs == pytest.approx([1e-2 * 1 / 5, 2e-3 * 2 / 5, 2e-3 * 3 / 5], rel=1e-12)  # warm-up position kept
 
 
 def test_help_documents_every_option(capsys):
@@ -370,3 +401,303 @@ def test_help_documents_every_option(capsys):
         assert action.help, action.dest
     for option in ("--ouro", "--data", "--phase", "--resume", "--overwrite", "--push-to-hub", "--temperature", "--beta"):
         assert option in text
+
+
+# The conversion's last stages and hostile arguments (issue 15) -------------------------------------------------
+
+STAGE_STEPS = ["--phase1-steps", "2", "--phase2-steps", "1", "--checkpoint-every", "0"]
+
+
+def _error_line(capsys):
+    """The one line the CLI printed about a failure (progress bars and library notices aside), no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "interrupted"))]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-3000:]
+    return lines[0]
+
+
+def _leftovers(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+def _assert_output_is_the_checkpoint(out, checkpoint):
+    weights = load_file(out / "model.safetensors")
+    assert weights.keys() <= checkpoint["model"].keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, checkpoint["model"][name]), name
+
+
+def _no_training(monkeypatch):
+    def trained(*args, **kwargs):
+        raise AssertionError("--resume after a complete training must not train again")
+
+    monkeypatch.setattr(distill, "kd_loss_from_hidden", trained)
+
+
+@pytest.mark.parametrize("stage", ["evaluation", "final write"])
+def test_interrupt_after_training_then_resume_finishes_without_retraining(ouro_dir, data_file, tmp_path, monkeypatch,
+                                                                          capsys, stage):
+    import signal
+
+    from melt import MeltForCausalLM
+
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    argv = _args(ouro_dir, data_file, out, *STAGE_STEPS)
+    if stage == "evaluation":
+        def interrupted(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the held-out evaluation
+            raise AssertionError("the signal must stop the evaluation")
+
+        monkeypatch.setattr(from_ouro, "compare_to_teacher", interrupted)
+    else:
+        real_save = MeltForCausalLM.save_pretrained
+
+        def interrupted(self, directory, **kwargs):
+            real_save(self, directory, **kwargs)  # half of the output is written
+            os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(MeltForCausalLM, "save_pretrained", interrupted)
+    try:
+        code = from_ouro.main(argv)
+    except KeyboardInterrupt:  # a regression must fail this test, not stop the whole pytest session
+        pytest.fail("SIGINT after training escaped as KeyboardInterrupt")
+    assert code == 128 + signal.SIGINT
+    err = _error_line(capsys)
+    assert f"during the {stage}" in err and "--resume" in err
+    checkpoint = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 3  # the final weights were checkpointed before the evaluation
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert (work / "report.json").is_file() == (stage == "final write")
+    report_before = (work / "report.json").read_text() if stage == "final write" else None
+
+    monkeypatch.undo()
+    _no_training(monkeypatch)
+    report = from_ouro.run([*argv, "--resume"])
+    _assert_output_is_the_checkpoint(out, checkpoint)
+    assert len(_log(out / "train_log.jsonl")) == 3 and not work.exists() and _leftovers(tmp_path) == []
+    if report_before is not None:  # the evaluation is not redone either
+        assert json.loads(report_before) == report
+
+
+def test_disk_full_while_checkpointing_removes_the_temporary_file(ouro_dir, data_file, tmp_path, monkeypatch, capsys):
+    import errno
+
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def full_disk(payload, file, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second checkpoint: half written, then the disk is full
+            file.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(payload, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    argv = _args(ouro_dir, data_file, out, "--phase1-steps", "3", "--phase2-steps", "0", "--checkpoint-every", "1")
+    assert from_ouro.main(argv) == 1
+    err = _error_line(capsys)
+    assert err.startswith("error: no space left on device")
+    assert str(work / "checkpoint.pt") in err and "bytes free" in err and "--resume" in err
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no checkpoint.pt.tmp
+    assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 1  # the previous one is intact
+    monkeypatch.setattr(torch, "save", real_save)
+    from_ouro.run([*argv, "--resume"])
+    assert [r["step"] for r in _log(out / "train_log.jsonl")] == [0, 1, 2]
+
+
+def test_disk_full_in_the_final_write_keeps_the_trained_weights(ouro_dir, data_file, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from melt import MeltForCausalLM
+
+    def full_disk(self, directory, **kwargs):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(MeltForCausalLM, "save_pretrained", full_disk)
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    argv = _args(ouro_dir, data_file, out, *STAGE_STEPS)
+    assert from_ouro.main(argv) == 1
+    err = _error_line(capsys)
+    assert err.startswith("error: no space left on device while writing the converted model")
+    assert str(work / "checkpoint.pt") in err and "--resume" in err
+    assert not out.exists() and _leftovers(tmp_path) == []
+    checkpoint = torch.load(work / "checkpoint.pt", weights_only=False)
+    monkeypatch.undo()
+    _no_training(monkeypatch)
+    from_ouro.run([*argv, "--resume"])
+    _assert_output_is_the_checkpoint(out, checkpoint)
+
+
+def test_a_failed_overwrite_keeps_the_previous_output(ouro_dir, data_file, tmp_path, monkeypatch):
+    from melt import MeltForCausalLM
+
+    out = tmp_path / "melt"
+    out.mkdir()  # an earlier conversion's output
+    (out / "config.json").write_text('{"model_type": "melt"}')
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(self, directory, **kwargs):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(MeltForCausalLM, "save_pretrained", broken)
+    argv = _args(ouro_dir, data_file, out, *STAGE_STEPS, "--overwrite")
+    with pytest.raises(OSError, match="writing the converted model .* failed .*Permission denied.*--resume"):
+        from_ouro.run(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    _no_training(monkeypatch)
+    from_ouro.run([*argv, "--resume"])  # --resume with --overwrite: finish, then replace --out
+    assert (out / "report.json").is_file() and not (tmp_path / "melt.work").exists() and _leftovers(tmp_path) == []
+
+
+def test_resume_from_a_damaged_checkpoint_names_it(ouro_dir, data_file, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    argv = _args(ouro_dir, data_file, out, "--phase1-steps", "2", "--phase2-steps", "0")
+    assert from_ouro.run([*argv, "--stop-after", "1"]) is None
+    (work / "checkpoint.pt").write_bytes((work / "checkpoint.pt").read_bytes()[:5000])  # a copy cut short
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {work / 'checkpoint.pt'} .*--overwrite"):
+        from_ouro.run([*argv, "--resume"])
+
+
+def test_a_work_directory_without_checkpoint_does_not_block_a_rerun(ouro_dir, data_file, tmp_path, capsys):
+    out, work = tmp_path / "out", tmp_path / "out.work"
+    work.mkdir()
+    (work / "log.jsonl").write_text('{"step": 0}\n')  # a run that died before its first checkpoint
+    argv = _args(ouro_dir, data_file, out, "--phase1-steps", "1", "--phase2-steps", "0")
+    assert from_ouro.main([*argv, "--resume"]) == 1
+    assert "nothing to resume, run again without --resume" in capsys.readouterr().err
+    from_ouro.run(argv)
+    assert len(_log(out / "train_log.jsonl")) == 1
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("chunk-zero", "--chunk-size must be >= 1, got 0"),
+        ("out-dot", "is the current directory or one above it"),
+        ("out-parent", "is the current directory or one above it"),
+        ("out-root", "root of the file system"),
+        ("out-is-a-file", "is a file, not a directory"),
+        ("out-is-the-ouro-input", "holds the input --ouro"),
+        ("out-holds-the-data", "holds the input --data"),
+        ("overwrite-foreign-dir", "not a converted MELT model"),
+        ("work-dir-foreign", "files this converter did not write"),
+        ("work-dir-inside-out", "separate directories"),
+        ("ouro-missing-abs", "--ouro checkpoint directory .* does not exist"),
+        ("tokenizer-missing-abs", "--tokenizer directory .* does not exist"),
+        ("messages-string", "'messages' must be a list of"),
+        ("ouro-config-not-json", "config.json is not valid JSON"),
+        ("ouro-weights-random", "model.safetensors .* is not a readable safetensors file"),
+        ("change-lr-without-resume", "--change-lr only applies with --resume"),
+        ("lr-inf", "--lr must be finite"),
+        ("beta-nan", "--beta must be >= 0, got nan"),
+        ("temperature-inf", "--temperature must be finite"),
+        ("tokenizer-is-a-file", "--tokenizer .* is a file"),
+    ],
+)
+def test_cli_hostile_arguments_give_one_line_and_leave_nothing(ouro_dir, data_file, tmp_path, monkeypatch, capsys,
+                                                                case, match):
+    import shutil
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    ouro, data, out, extra = ouro_dir, data_file, tmp_path / "out", []
+    if case == "chunk-zero":
+        extra = ["--chunk-size", "0"]
+    elif case == "out-dot":
+        out = Path(".")
+        extra = ["--overwrite"]
+    elif case == "out-parent":
+        out = Path("..")
+        extra = ["--overwrite"]
+    elif case == "out-root":
+        out = Path("/")
+    elif case == "out-is-a-file":
+        out = tmp_path / "a-file"
+        out.write_text("mine")
+        extra = ["--overwrite"]
+    elif case == "out-is-the-ouro-input":
+        out = ouro = shutil.copytree(ouro_dir, tmp_path / "ouro")
+        extra = ["--overwrite"]
+    elif case == "out-holds-the-data":
+        (tmp_path / "inputs").mkdir()
+        data = shutil.copy(data_file, tmp_path / "inputs" / "corpus.jsonl")
+        out = tmp_path / "inputs"
+        extra = ["--overwrite"]
+    elif case == "overwrite-foreign-dir":
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+        extra = ["--overwrite"]
+    elif case == "work-dir-foreign":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "notes.txt").write_text("mine")
+        extra = ["--work-dir", str(tmp_path / "elsewhere"), "--overwrite"]
+    elif case == "work-dir-inside-out":
+        extra = ["--work-dir", str(out / "work")]
+    elif case == "ouro-missing-abs":
+        ouro = tmp_path / "no" / "such" / "checkpoint"
+    elif case == "tokenizer-missing-abs":
+        extra = ["--tokenizer", str(tmp_path / "no" / "tokenizer")]
+    elif case == "messages-string":
+        data = tmp_path / "chat.jsonl"
+        data.write_text('{"messages": "hello, this is not a list of messages"}\n' * 40)
+    elif case == "ouro-config-not-json":
+        ouro = shutil.copytree(ouro_dir, tmp_path / "ouro")
+        (ouro / "config.json").write_text('{"model_type": "ouro",')
+    elif case == "ouro-weights-random":
+        ouro = shutil.copytree(ouro_dir, tmp_path / "ouro")
+        (ouro / "model.safetensors").write_bytes(os.urandom(4096))
+    elif case == "change-lr-without-resume":
+        extra = ["--change-lr"]
+    elif case in ("lr-inf", "beta-nan", "temperature-inf"):
+        flag, value = case.split("-")
+        extra = [f"--{flag}", value]
+    elif case == "tokenizer-is-a-file":
+        extra = ["--tokenizer", str(data_file)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = from_ouro.main(_args(ouro, data, out, "--phase1-steps", "1", "--phase2-steps", "0", *extra))
+    err = _error_line(capsys)
+    assert code == 1 and err.startswith("error: ") and re.search(match, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and list(cwd.iterdir()) == []
+
+
+def test_converting_a_checkpoint_with_remote_code_never_prompts(ouro_dir, data_file, tmp_path, monkeypatch):
+    import builtins
+    import shutil
+
+    ouro = shutil.copytree(ouro_dir, tmp_path / "ouro")
+    config = json.loads((ouro / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_ouro.OuroConfig",  # as the real Ouro checkpoints ship
+                          "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}
+    (ouro / "config.json").write_text(json.dumps(config))
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda *a: prompts.append(a) or "n")
+    from_ouro.run(_args(ouro, data_file, tmp_path / "out", "--phase1-steps", "1", "--phase2-steps", "0"))
+    assert prompts == []
+
+
+def test_the_output_tokenizer_loads_without_a_prompt_as_its_readme_says(converted):
+    out, _ = converted
+    readme = (out / "README.md").read_text()
+    assert "trust_remote_code=True" in readme and "PreTrainedTokenizerFast" in readme
+    script = f"""
+import builtins, sys
+prompts = []
+builtins.input = lambda *a: prompts.append(a) or "n"
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+plain = PreTrainedTokenizerFast.from_pretrained({str(out)!r})
+auto = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert "melt" not in sys.modules and prompts == [], prompts
+assert plain("a=3;b=4").input_ids == auto("a=3;b=4").input_ids and len(plain) == len(auto)
+print("tokenizer-ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=out.parent, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0 and "tokenizer-ok" in result.stdout, result.stderr[-3000:]

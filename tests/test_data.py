@@ -458,3 +458,15 @@ def test_split_holdout():
         with pytest.raises(ValueError):
             split_holdout(rows, bad)
 
+
+
+@pytest.mark.parametrize(
+    "messages",
+    ['"hello"', '[{"role": "user"}]', '[{"role": "user", "content": 3}]', '["hello"]', '{"role": "user"}'],
+    ids=["string", "no-content", "content-not-text", "list-of-strings", "one-object"],
+)
+def test_malformed_messages_are_named(tmp_path, tokenizer, messages):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(f'{{"messages": {messages}}}\n')
+    with pytest.raises(ValueError, match=r"record 0 of dataset .*chat.jsonl.*'messages' must be a list of"):
+        load_text_dataset(path, tokenizer, cache_dir=tmp_path / "cache")

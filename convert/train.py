@@ -350,10 +350,13 @@ def train(
                     batch = rows[local[m * micro : (m + 1) * micro]].to(runtime.device)  # [micro, L]
                     # logits_to_keep=1: the per-loop logits are made block by block inside the KD loss instead.
                     with torch.no_grad(), autocast():
-                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True, logits_to_keep=1)
+                        # Attention outputs only where the phase-2 alignment reads them (~4 GB per sequence at
+                        # the published shape otherwise).
+                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True, logits_to_keep=1,
+                                        return_attention_outputs=phase == 2)
                     with autocast():
                         s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha,
-                                        logits_to_keep=1)
+                                        logits_to_keep=1, return_attention_outputs=phase == 2)
                         kd = distill.kd_loss_from_hidden(student.lm_head, s_out.loop_hidden_states, teacher.lm_head,
                                                          t_out.loop_hidden_states, opts.temperature)
                     align = (

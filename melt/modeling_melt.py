@@ -235,7 +235,7 @@ class MeltModelOutput(ModelOutput):
     exit_probs: `[B, L, T]` probability of exiting at each loop.
     loop_hidden_states: T tensors `[B, L, hidden]`, one per loop (with `return_loop_outputs`).
     attention_outputs: T tuples of N tensors `[B, L, H*D]`, attention output of (loop, layer) before o_proj
-        (with `return_loop_outputs`).
+        (with `return_attention_outputs`).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -316,6 +316,7 @@ class MeltModel(MeltPreTrainedModel):
         num_loops: int | None = None,
         kv_blend_alpha: float | None = None,
         return_loop_outputs: bool = False,
+        return_attention_outputs: bool = False,
         exit_at_step: int | None = None,
         early_exit_threshold: float | None = None,
         **kwargs,
@@ -356,7 +357,7 @@ class MeltModel(MeltPreTrainedModel):
         if cache.is_preallocated and length == 1 and blend is None:
             return self._static_decode_step(
                 inputs_embeds, attention_mask, position_ids, cache, num_loops, exit_at_step, threshold, keep_loops,
-                return_loop_outputs, use_cache,
+                return_loop_outputs, return_attention_outputs, use_cache,
             )
         past = cache.get_seq_length()
 
@@ -382,7 +383,7 @@ class MeltModel(MeltPreTrainedModel):
         if store_rows:
             cache.reserve(past + length, like=self._row_like(inputs_embeds, batch))
         per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache if store_rows else None, num_loops, blend,
-                                     backend, keep_loops, return_loop_outputs) for rnd in rounds]
+                                     backend, keep_loops, return_attention_outputs) for rnd in rounds]
         if store_rows:
             cache.end_call(past + length)
 
@@ -392,16 +393,16 @@ class MeltModel(MeltPreTrainedModel):
         exit_logits = assemble([r["exit"] for r in per_round]).squeeze(-1)  # [B, L, T]
         loop_hidden = {t: assemble([r["hidden"][t] for r in per_round]) for t in keep_loops}
         attention_outputs = None
-        if return_loop_outputs:
+        if return_attention_outputs:
             attention_outputs = tuple(
                 tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
                 for t in range(num_loops)
             )
         return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            cache if use_cache else None)
+                            return_loop_outputs, cache if use_cache else None)
 
-    def _output(self, exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold, cache):
-        # `attention_outputs` is not None exactly when return_loop_outputs asked for every loop's outputs.
+    def _output(self, exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
+                return_loop_outputs, cache):
         """Pick each token's returned hidden state from its loops (fixed step, exit threshold, or the last loop)."""
         exit_probs = exit_distribution(exit_logits)
         if exit_at_step is not None:
@@ -416,14 +417,14 @@ class MeltModel(MeltPreTrainedModel):
             last_hidden_state=selected,
             cache=cache,
             exit_probs=exit_probs,
-            loop_hidden_states=None if attention_outputs is None else tuple(loop_hidden[t] for t in range(num_loops)),
+            loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
             attention_outputs=attention_outputs,
         )
 
     # -- one token per sequence on a preallocated cache: the capturable decode step ------------------------------
 
     def _static_decode_step(self, embeds, attention_mask, position_ids, cache: MeltCache, num_loops, exit_at_step,
-                            threshold, keep_loops, collect, use_cache):
+                            threshold, keep_loops, return_loop_outputs, collect, use_cache):
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
@@ -498,7 +499,7 @@ class MeltModel(MeltPreTrainedModel):
         exit_logits = torch.stack(exits, dim=2).squeeze(-1)  # [B, 1, T]
         attention_outputs = tuple(tuple(per_loop) for per_loop in attention_outputs) if collect else None
         return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            cache if use_cache else None)
+                            return_loop_outputs, cache if use_cache else None)
 
     # -- one round: all loops of one chunk -------------------------------------------------------------------
 
@@ -727,6 +728,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         num_loops: int | None = None,
         kv_blend_alpha: float | None = None,
         return_loop_outputs: bool = False,
+        return_attention_outputs: bool = False,
         exit_at_step: int | None = None,
         early_exit_threshold: float | None = None,
         **kwargs,
@@ -735,8 +737,9 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
 
         num_loops: loops for this call (default `config.num_loops`); shared-mode memory does not depend on it.
         kv_blend_alpha: phase-1 blend, attention reads `alpha * KV_melt + (1 - alpha) * KV_loop` (shared mode).
-        return_loop_outputs: also return every loop's logits (`loop_logits`) and every (loop, layer)
-            attention output (`attention_outputs`), for distillation; costs nothing when False.
+        return_loop_outputs: also return every loop's logits (`loop_logits`) and hidden states, for distillation.
+        return_attention_outputs: also return every (loop, layer) attention output (`attention_outputs`), for the
+            phase-2 alignment loss. Each costs nothing when False (and only what is asked for is kept).
         exit_at_step / early_exit_threshold: override the config's logit selection for this call.
         `labels` give the usual shifted cross-entropy on the returned (selected) logits; the loss keywords of
         transformers' `ForCausalLMLoss` (`num_items_in_batch`, `ignore_index`, `shift_labels`) pass through.
@@ -755,6 +758,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
             num_loops=num_loops,
             kv_blend_alpha=kv_blend_alpha,
             return_loop_outputs=return_loop_outputs,
+            return_attention_outputs=return_attention_outputs,
             exit_at_step=exit_at_step,
             early_exit_threshold=early_exit_threshold,
         )

@@ -66,8 +66,8 @@ def test_alpha_zero_student_equals_teacher_exactly(ouro_dir):
             if ".gate." in name:
                 param.normal_(0.0, 0.5)
     ids = torch.randint(0, 512, (2, 14))
-    t = teacher(ids, use_cache=False, return_loop_outputs=True)
-    s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.0)
+    t = teacher(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
+    s = student(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True, kv_blend_alpha=0.0)
     # Exact up to fp32 rounding: the student attends chunk by chunk (prefix rows + chunk rows), the teacher in
     # one pass, so the softmax reductions run in another order.
     for a, b in zip(s.loop_logits, t.loop_logits, strict=True):
@@ -126,8 +126,8 @@ def test_no_interpolation_runs_phase_one_at_alpha_one(ouro_dir, data_file, tmp_p
 
 def _phase_loss(model, teacher, rows, phase, beta=0.1):
     with torch.no_grad():
-        t = teacher(rows, use_cache=False, return_loop_outputs=True)
-        s = model(rows, use_cache=False, return_loop_outputs=True)  # alpha = 1: the model that phase 1 must reach
+        t = teacher(rows, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
+        s = model(rows, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)  # alpha = 1: the model that phase 1 must reach
         loss = distill.kd_loss(s.loop_logits, t.loop_logits)
         if phase == 2:
             loss = loss + beta * distill.alignment_loss(s.attention_outputs, t.attention_outputs)

@@ -109,8 +109,8 @@ def test_blend_alpha_zero_equals_per_loop(chunk):
     model = tiny_model(chunk_size=chunk)
     ouro = twin(model, cache_mode="per_loop")
     ids = torch.randint(0, 61, (2, 11))
-    blended = model(ids, kv_blend_alpha=0.0, return_loop_outputs=True)
-    reference = ouro(ids, return_loop_outputs=True)
+    blended = model(ids, kv_blend_alpha=0.0, return_loop_outputs=True, return_attention_outputs=True)
+    reference = ouro(ids, return_loop_outputs=True, return_attention_outputs=True)
     assert max_diff(blended.logits, reference.logits) < ATOL
     for t in range(3):
         for layer in range(2):
@@ -509,3 +509,16 @@ def test_forward_without_cache_allocates_only_rows_that_are_read(monkeypatch, ca
     assert out.cache is None and bool(allocated) == expect_rows
     allocated.clear()
     assert model(ids, use_cache=True).cache.nbytes() > 0 and allocated
+
+
+def test_attention_outputs_are_kept_only_when_asked_for():
+    """Phase 1 distils loop logits only: collecting every (loop, layer) attention output there would hold T*N
+    activations of [B, L, H*D] per sequence for nothing (~4 GB at the published shape)."""
+    model = tiny_model(chunk_size=4)
+    ids = torch.randint(0, 61, (2, 9))
+    loops_only = model(ids, use_cache=False, return_loop_outputs=True)
+    assert loops_only.attention_outputs is None and len(loops_only.loop_logits) == 3
+    both = model(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
+    assert len(both.attention_outputs) == 3 and all(len(per_loop) == 2 for per_loop in both.attention_outputs)
+    assert both.attention_outputs[0][0].shape == (2, 9, 4 * 8)
+    assert max_diff(both.logits, loops_only.logits) == 0.0

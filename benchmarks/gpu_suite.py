@@ -311,7 +311,15 @@ def test_files(paths: list[str]) -> list[str]:
     return chosen
 
 
+def _end_tests_and_exit(signum, frame):
+    """SIGTERM from the parent at this part's cap: end pytest's own process group too, then exit."""
+    for proc in list(_RUNNING_TESTS):
+        _kill_group(proc)
+    sys.exit(128 + signum)
+
+
 def part_tests(rec: Recorder, device: torch.device, dry: bool, sizes: dict, args) -> None:
+    signal.signal(signal.SIGTERM, _end_tests_and_exit)
     if device.type != "cuda":
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (by this part only)
     if args.machine_info:
@@ -322,12 +330,18 @@ def part_tests(rec: Recorder, device: torch.device, dry: bool, sizes: dict, args
     check_production_configs(rec, device, getattr(torch, sizes["config_dtype"]), sizes["config_cases"])
 
 
+_RUNNING_TESTS: list[subprocess.Popen] = []  # pytest's process group, ended with this part (see part_tests)
+
+
 def run_pytest(files: list[str], sizes: dict, timeout: float) -> dict:
-    """pytest on `files` in a subprocess (`python -P`: the checkout's `kernels/` must not shadow HF's `kernels`)."""
+    """pytest on `files` in a process group of its own, ended after `timeout` seconds, or with this part.
+
+    `python -P`: the checkout's root stays off sys.path, where `kernels/` would shadow Hugging Face's `kernels`.
+    """
     import importlib.util
 
     with tempfile.TemporaryDirectory(prefix="gpu_suite_pytest_") as tmp:
-        xml = Path(tmp) / "junit.xml"
+        xml, log = Path(tmp) / "junit.xml", Path(tmp) / "pytest.log"
         cmd = [sys.executable, "-P", "-m", "pytest", *files, "-q", "-rfE", "-p", "no:cacheprovider",
                f"--junitxml={xml}", f"--basetemp={Path(tmp) / 'base'}"]
         if sizes["keyword"]:
@@ -336,16 +350,17 @@ def run_pytest(files: list[str], sizes: dict, timeout: float) -> dict:
             cmd += ["-n", str(sizes["workers"])]
         result = {"command": " ".join(cmd[1:]), "files": files, "timed_out": False}
         started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(5.0, timeout),
-                                  start_new_session=True)
-            result["returncode"] = proc.returncode
-            output = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as expired:
-            result.update(timed_out=True, returncode=None)
-            output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            _RUNNING_TESTS.append(proc)
+            try:
+                result["returncode"] = proc.wait(timeout=max(1.0, timeout))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)  # pytest and its xdist workers
+                result.update(timed_out=True, returncode=None)
+            _RUNNING_TESTS.remove(proc)
         result["seconds"] = round(time.monotonic() - started, 1)
-        result["output_tail"] = output[-3000:]
+        result["output_tail"] = log.read_text(errors="replace")[-3000:]
         result.update(_junit_counts(xml))
     return result
 

@@ -115,3 +115,9 @@ def test_test_files_with_cuda_variants_are_found():
     assert not any(f.startswith("tests/kernels/") for f in files[2:])  # already covered by the folder
     for f in files[2:]:
         assert gpu_suite.CUDA_VARIANT.search((REPO / f).read_text())
+
+
+def test_pytest_past_its_time_is_ended_and_reported():
+    result = gpu_suite.run_pytest(["tests/kernels/test_gated_update.py"], {"keyword": None, "workers": 0}, timeout=1)
+    assert result["timed_out"] and result["returncode"] is None and result["tests"] is None
+    assert not gpu_suite._RUNNING_TESTS

@@ -147,6 +147,15 @@ def main(argv=None) -> int:
     if args.run_part:
         return child_main(args)
     parts = _parse_parts(args.parts)
+    previous = {sig: signal.signal(sig, _end_parts_and_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return run_suite(args, parts)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_suite(args, parts: list[str]) -> int:
     device = common.pick_device(args.device)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -216,13 +225,18 @@ def run_part_process(key: str, cap: float, scratch: Path, args, device: torch.de
         cmd.append("--machine-info")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # A process group of its own (to end it with its children), in this session (so that whatever ends this
+    # command's session, e.g. the device tool after a call, ends the part too).
+    proc = subprocess.Popen(cmd, env=env, **_OWN_GROUP)
+    _RUNNING_PARTS.append(proc)
     status = None
     try:
         returncode = proc.wait(timeout=cap)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         returncode, status = proc.returncode, "stopped at its cap"
+    finally:
+        _RUNNING_PARTS.remove(proc)
     seconds = time.monotonic() - started
     data = {}
     if part_file.is_file():
@@ -237,6 +251,17 @@ def run_part_process(key: str, cap: float, scratch: Path, args, device: torch.de
     elif status == "crashed":
         entry["reason"] = data.get("error") or f"its process exited with status {returncode}"
     return entry
+
+
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+_RUNNING_PARTS: list[subprocess.Popen] = []
+
+
+def _end_parts_and_exit(signum, frame):
+    """SIGTERM/SIGINT to the suite: end the running part's process group too, then exit."""
+    for proc in list(_RUNNING_PARTS):
+        _kill_group(proc)
+    sys.exit(128 + signum)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -351,7 +376,7 @@ def run_pytest(files: list[str], sizes: dict, timeout: float) -> dict:
         result = {"command": " ".join(cmd[1:]), "files": files, "timed_out": False}
         started = time.monotonic()
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, **_OWN_GROUP)
             _RUNNING_TESTS.append(proc)
             try:
                 result["returncode"] = proc.wait(timeout=max(1.0, timeout))

@@ -102,7 +102,7 @@ def test_parts_are_parsed_and_checked():
 
 def test_a_part_that_outlives_its_cap_is_killed_with_its_children():
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
-                             "time.sleep(60)"], start_new_session=True)
+                             "time.sleep(60)"], **gpu_suite._OWN_GROUP)
     time.sleep(0.5)
     started = time.monotonic()
     gpu_suite._kill_group(proc)

@@ -578,7 +578,13 @@ def part_memory(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
                "analytic_kv_bytes": common.kv_bytes_per_token(common.model_kwargs(preset, model, **overrides),
                                                               net.config.num_loops, common.PRESET_DTYPES[preset])
                * (context + sizes["decode_tokens"])}
-        row.update(memory.context_memory(net, context, sizes["decode_tokens"], device))
+        try:
+            row.update(memory.context_memory(net, context, sizes["decode_tokens"], device))
+        except Exception as error:  # e.g. a preallocated cache that cannot serve this call: measure the dynamic one
+            if not common.supports_static_cache(net):
+                raise
+            row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            row.update(memory.context_memory(net, context, sizes["decode_tokens"], device, static=False))
         if device.type == "cuda":
             row.update(memory.published_comparison(row))
         published = common.PUBLISHED_GB.get(model)
@@ -624,7 +630,8 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
                   return_dict_in_generate=True)
     if path == "static":
         kwargs["cache_implementation"] = "static"
-    row = {"batch": batch, "context": context, "path": path, "warmup_steps": warmup, "timed_steps": steps}
+    row = {"batch": batch, "context": context, "path_requested": path, "path": None, "warmup_steps": warmup,
+           "timed_steps": steps}
     # The allocator's peak on CUDA; on CPU the only allocator probe is the profiler, which would distort the timing.
     probe_of = common.memory_probe(device) if device.type == "cuda" else contextlib.nullcontext({})
     try:
@@ -633,7 +640,13 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
             start = time.perf_counter()
             out = net.generate(ids, **kwargs)
         cache = out.past_key_values
-        row.update(cache_nbytes=cache.nbytes(), cache_capacity_nbytes=cache.capacity_nbytes())
+        # What ran, whatever was asked: transformers may ignore cache_implementation (with a warning), and compiles
+        # the decode step only for a compileable cache on CUDA (it keeps the compiled call on the model).
+        preallocated = bool(getattr(cache, "is_compileable", False))
+        compiled = getattr(net, "_compiled_call", None) is not None
+        row.update(cache_nbytes=cache.nbytes(), cache_capacity_nbytes=cache.capacity_nbytes(),
+                   cache_class=type(cache).__name__, cache_preallocated=preallocated, compiled_forward=compiled,
+                   path=f"{'static' if preallocated else 'dynamic'} cache, {'compiled' if compiled else 'eager'}")
         del out, cache
     except torch.OutOfMemoryError as error:
         row.update(oom=str(error).splitlines()[0])
@@ -674,11 +687,21 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
             nets[model] = common.build_model(preset, model, device=device, dtype=dtype)
         return nets[model]
 
+    static_failed = []  # after one failure of the static path, the remaining rows go eager at once
+
     def measure(model, batch, context, kind):
         net = net_of(model)
-        path = decode_path(net, args.decode_path)
-        row = {"model": model, "kind": kind, "num_loops": net.config.num_loops,
-               **timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, path)}
+        path = "eager" if static_failed else decode_path(net, args.decode_path)
+        row = {"model": model, "kind": kind, "num_loops": net.config.num_loops}
+        try:
+            row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, path))
+        except Exception as error:  # the static/compiled path failing is a result; the eager one is measured then
+            if path != "static":
+                raise
+            row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            static_failed.append(row["static_error"])
+            print(f"gpu_suite: the static decode path failed ({row['static_error']}); measuring eager", flush=True)
+            row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, "eager"))
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         used = row.get("alloc_peak_bytes") if device.type == "cuda" else (
             None if row.get("cache_capacity_nbytes") is None else weights + row["cache_capacity_nbytes"])
@@ -705,8 +728,10 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         analytic = max(1, int((budget - weights) // kv_seq))
         # A dynamic cache doubles its buffers at the first decode step after the prefill: half the rows fit.
-        path = decode_path(net, args.decode_path)
-        batch = analytic if path == "static" else max(1, analytic // 2)
+        path = "eager" if static_failed else decode_path(net, args.decode_path)
+        ran = [r for r in rec.data.get("rows", []) if r["model"] == model and r.get("path")]
+        preallocated = ran[-1]["cache_preallocated"] if ran else path == "static"
+        batch = analytic if preallocated else max(1, analytic // 2)
         tried = []
         while rec.left() >= 8 and batch >= 1:
             row = measure(model, batch, context, kind)
@@ -714,7 +739,9 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
             if row.get("fits_budget"):
                 break
             batch = min(batch - 1, int(batch * 0.75)) if batch > 1 else 0
-        rec.append("max_batch", {"model": model, "context": context, "analytic_batch": analytic, "path": path,
+        rec.append("max_batch", {"model": model, "context": context, "analytic_batch": analytic,
+                                 "path": ran[-1]["path"] if ran else path, "first_try": "analytic" if preallocated
+                                 else "analytic // 2 (a dynamic cache doubles its buffers at the first decode step)",
                                  "tried": tried, "kv_bytes_per_sequence": kv_seq,
                                  "largest_fitting": max((r["batch"] for r in rec.data["rows"] if r["model"] == model
                                                          and r["kind"] == "max batch" and r.get("fits_budget")),
@@ -1055,7 +1082,7 @@ def _plot_memory(datas: dict, report: dict):
             peaks = [s.get("alloc_peak_bytes") for s in (r.get("prefill"), r.get("decode")) if s and s.get("alloc_peak_bytes")]
             deltas = [s.get("alloc_peak_delta_bytes") or 0 for s in (r.get("prefill"), r.get("decode")) if s]
             peak = max(peaks) if peaks else (r["weights_bytes"] + max(deltas) if deltas else None)
-            groups.append((f"{data['setup']['preset']}\n{r['model']}", r["weights_bytes"], last.get("cache_nbytes"),
+            groups.append((f"{key}. {data['setup']['preset']}\n{r['model']}", r["weights_bytes"], last.get("cache_nbytes"),
                            last.get("cache_capacity_nbytes"), peak, r.get("published_total_gb")))
     if not groups:
         return None

@@ -75,7 +75,8 @@ def test_dry_run_runs_every_part_and_records_what_it_measured(dry_run):
     decode = data["d"]
     assert {(r["model"], r["batch"]) for r in decode["rows"] if r["kind"] == "batch"} >= {
         ("melt", 1), ("looplm", 1), ("melt", 4), ("looplm", 4)}
-    assert all(r["tokens_per_s"] > 0 and r["path"] == "eager" and len(r["timed_step_s"]) == 2
+    assert all(r["tokens_per_s"] > 0 and r["path"] == "dynamic cache, eager" and r["path_requested"] == "eager"
+               and len(r["timed_step_s"]) == 2
                for r in decode["rows"] if not r.get("oom"))
     fits = {m["model"]: m["largest_fitting"] for m in decode["max_batch"]}
     assert set(fits) == {"melt", "looplm"} and all(fits.values())
@@ -121,3 +122,21 @@ def test_pytest_past_its_time_is_ended_and_reported():
     result = gpu_suite.run_pytest(["tests/kernels/test_gated_update.py"], {"keyword": None, "workers": 0}, timeout=1)
     assert result["timed_out"] and result["returncode"] is None and result["tests"] is None
     assert not gpu_suite._RUNNING_TESTS
+
+
+def test_decode_rows_say_which_path_ran_not_only_which_was_asked(monkeypatch):
+    """transformers ignores cache_implementation="static" (with a warning) for a model whose cache it cannot build:
+    the row must then say that a dynamic cache ran eagerly."""
+    import torch
+
+    from melt import MeltForCausalLM
+    from melt_benchmarks import common
+
+    net = common.build_model("tiny", "melt")
+    plain = MeltForCausalLM.new_cache
+    monkeypatch.setattr(MeltForCausalLM, "new_cache", lambda self, num_loops=None, keep_loop_rows=False,
+                        max_cache_len=None: plain(self, num_loops, keep_loop_rows))
+    assert gpu_suite.decode_path(net, "auto") == "static"
+    row = gpu_suite.timed_generate(net, 1, 8, 2, 1, torch.device("cpu"), "static")
+    assert row["path_requested"] == "static" and row["path"] == "dynamic cache, eager"
+    assert not row["cache_preallocated"] and len(row["timed_step_s"]) == 2 and row["tokens_per_s"] > 0

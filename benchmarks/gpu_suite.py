@@ -376,7 +376,9 @@ def run_pytest(files: list[str], sizes: dict, timeout: float) -> dict:
         result = {"command": " ".join(cmd[1:]), "files": files, "timed_out": False}
         started = time.monotonic()
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, **_OWN_GROUP)
+            # PYTHONSAFEPATH: -P for pytest's xdist workers too (they are started without it).
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONSAFEPATH": "1"}, **_OWN_GROUP)
             _RUNNING_TESTS.append(proc)
             try:
                 result["returncode"] = proc.wait(timeout=max(1.0, timeout))

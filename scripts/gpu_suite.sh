@@ -35,9 +35,11 @@ for name, folder in package_dir.items():
 EOF
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# -P for every Python process (pytest's xdist workers included): the checkout's root stays off sys.path, where
+# `kernels/` would shadow Hugging Face's `kernels` package.
+export PYTHONSAFEPATH=1
 # What the suite will run with (torch must still be the machine's CUDA build).
 "$python" -c "import torch, triton, transformers, melt, melt_kernels; print(f'gpu_suite.sh: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, transformers {transformers.__version__}, melt {melt.__version__}; {torch.cuda.device_count()} GPU(s)')" \
     || { echo "gpu_suite.sh: the environment is broken (see above)" >&2; exit 1; }
-# -P: the checkout's root stays off sys.path, where `kernels/` would shadow Hugging Face's `kernels` package.
-"$python" -P -m melt_benchmarks.gpu_suite --out "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"
+"$python" -m melt_benchmarks.gpu_suite --out "$out" "$@" 2>&1 | tee "$out/gpu_suite.log"
 exit "${PIPESTATUS[0]}"

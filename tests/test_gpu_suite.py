@@ -20,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     # -P: the checkout's `kernels/` folder must not shadow Hugging Face's `kernels` package (see README).
+    # Caps x5 and a matching budget: the caps are sized for a GPU, and a CI machine may be loaded; a part that hits
+    # its cap is tested apart (test_a_part_that_outlives_its_cap_is_killed_with_its_children).
     proc = subprocess.run([sys.executable, "-P", "-m", "melt_benchmarks.gpu_suite", "--device", "cpu", "--dry-run",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--cap-scale", "5", "--budget-s", "2100", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=2400)
     return proc, out
 
 

@@ -390,9 +390,20 @@ def run_pytest(files: list[str], sizes: dict, timeout: float) -> dict:
                 result.update(timed_out=True, returncode=None)
             _RUNNING_TESTS.remove(proc)
         result["seconds"] = round(time.monotonic() - started, 1)
-        result["output_tail"] = log.read_text(errors="replace")[-3000:]
+        output = log.read_text(errors="replace")
+        result["output_tail"] = output[-3000:]
         result.update(_junit_counts(xml))
+        if result["tests"] is None:  # killed before pytest wrote its XML: count its progress characters instead
+            result["progress_counts"] = _progress_counts(output)
     return result
+
+
+def _progress_counts(output: str) -> dict:
+    """Outcomes so far from pytest's `-q` progress lines (`..F.s  [ 40%]`), for a run killed before its summary."""
+    marks = "".join(m.group(1) for line in output.splitlines()
+                    if (m := re.fullmatch(r"([.FEsxX]+)\s*(\[\s*\d+%\])?", line.strip())))
+    return {"passed": marks.count("."), "failed": marks.count("F"), "errors": marks.count("E"),
+            "skipped": marks.count("s"), "xfailed": marks.count("x"), "xpassed": marks.count("X")}
 
 
 def _junit_counts(xml: Path) -> dict:
@@ -908,6 +919,10 @@ def summary_markdown(report: dict) -> str:
 def _section_tests(data: dict, report: dict) -> list[str]:
     lines = ["## a. Tests on the device", ""]
     py = data.get("pytest")
+    if py and py.get("tests") is None and py.get("progress_counts"):
+        c = py["progress_counts"]
+        lines += [f"pytest was stopped before its summary; its progress line shows {c['passed']} passed, {c['failed']} "
+                  f"failed, {c['errors']} errors, {c['skipped']} skipped so far.", ""]
     if py:
         lines += _table(["tests", "passed", "failed", "errors", "skipped", "seconds", "timed out"],
                         [[py.get("tests"), py.get("passed"), py.get("failed"), py.get("errors"), py.get("skipped"),

@@ -143,3 +143,9 @@ def test_decode_rows_say_which_path_ran_not_only_which_was_asked(monkeypatch):
     row = gpu_suite.timed_generate(net, 1, 8, 2, 1, torch.device("cpu"), "static")
     assert row["path_requested"] == "static" and row["path"] == "dynamic cache, eager"
     assert not row["cache_preallocated"] and len(row["timed_step_s"]) == 2 and row["tokens_per_s"] > 0
+
+
+def test_progress_of_a_killed_pytest_is_counted():
+    output = "tests/x.py::y\n..F.s                                            [ 40%]\n.E.  [ 60%]\nnot a progress line ...\n"
+    assert gpu_suite._progress_counts(output) == {"passed": 5, "failed": 1, "errors": 1, "skipped": 1, "xfailed": 0,
+                                                  "xpassed": 0}

@@ -595,12 +595,20 @@ def part_memory(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
                                                               net.config.num_loops, common.PRESET_DTYPES[preset])
                * (context + sizes["decode_tokens"])}
         try:
-            row.update(memory.context_memory(net, context, sizes["decode_tokens"], device))
-        except Exception as error:  # e.g. a preallocated cache that cannot serve this call: measure the dynamic one
-            if not common.supports_static_cache(net):
-                raise
-            row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            row.update(memory.context_memory(net, context, sizes["decode_tokens"], device, static=False))
+            try:
+                row.update(memory.context_memory(net, context, sizes["decode_tokens"], device))
+            except Exception as error:  # e.g. a preallocated cache that cannot serve this call: the dynamic one then
+                if not common.supports_static_cache(net):
+                    raise
+                row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                row.update(memory.context_memory(net, context, sizes["decode_tokens"], device, static=False))
+        except Exception as error:  # recorded; the next model is measured all the same
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            rec.append("rows", row)
+            del net
+            memory._release(device)
+            continue
         if device.type == "cuda":
             row.update(memory.published_comparison(row))
         published = common.PUBLISHED_GB.get(model)
@@ -683,6 +691,14 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
     return row
 
 
+def _failed_row(rec: Recorder, row: dict, error: Exception) -> dict:
+    """A measurement that raised: recorded with its error (and traceback on stderr), and the part goes on."""
+    print(traceback.format_exc(), file=sys.stderr, flush=True)
+    row.update(error=f"{type(error).__name__}: {str(error)[:300]}", fits_budget=None)
+    rec.append("rows", row)
+    return row
+
+
 def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, args) -> None:
     preset = sizes["preset"]
     dtype = common.PRESET_DTYPES[preset]
@@ -708,16 +724,20 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
     def measure(model, batch, context, kind):
         net = net_of(model)
         path = "eager" if static_failed else decode_path(net, args.decode_path)
-        row = {"model": model, "kind": kind, "num_loops": net.config.num_loops}
+        row = {"model": model, "kind": kind, "num_loops": net.config.num_loops, "batch": batch, "context": context}
         try:
             row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, path))
         except Exception as error:  # the static/compiled path failing is a result; the eager one is measured then
             if path != "static":
-                raise
+                return _failed_row(rec, row, error)
             row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
             static_failed.append(row["static_error"])
             print(f"gpu_suite: the static decode path failed ({row['static_error']}); measuring eager", flush=True)
-            row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, "eager"))
+            try:
+                row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device,
+                                          "eager"))
+            except Exception as eager_error:
+                return _failed_row(rec, row, eager_error)
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         used = row.get("alloc_peak_bytes") if device.type == "cuda" else (
             None if row.get("cache_capacity_nbytes") is None else weights + row["cache_capacity_nbytes"])
@@ -910,7 +930,10 @@ def summary_markdown(report: dict) -> str:
         data = entry.get("data") or {}
         section = SECTIONS.get(key)
         if section and data:
-            lines += section(data, report)
+            try:
+                lines += section(data, report)
+            except Exception as error:  # a rendering slip must never cost the report (the JSON holds every row)
+                lines += [f"(part {key}'s section could not be rendered: {type(error).__name__}: {error})", ""]
         if data.get("error"):
             lines += [f"Part {key} error: `{data['error'][:300]}`", ""]
     return "\n".join(lines)
@@ -991,7 +1014,8 @@ def _section_memory(data: dict, report: dict) -> list[str]:
                      _gb(last.get("cache_nbytes")), _gb(last.get("cache_capacity_nbytes")),
                      _gb(last.get("allocated_after_bytes")),
                      _gb(max(peaks)) if peaks else (f"+{_gb(max(deltas))}" if deltas else "-"),
-                     f"{r.get('published_total_gb', '-')}" + (f" (OOM {r['oom'][:60]})" if r.get("oom") else "")])
+                     f"{r.get('published_total_gb', '-')}" + (f" (OOM {r['oom'][:60]})" if r.get("oom") else "")
+                     + (f" (error {r['error'][:60]})" if r.get("error") else "")])
     lines += _table(["model", "cache", "weights GB", "KV analytic GB", "KV held GB", "KV allocated GB",
                      "allocated after GB", "peak GB", "published total GB"], rows)
     return lines
@@ -1007,7 +1031,7 @@ def _section_decode(data: dict, report: dict) -> list[str]:
         rows.append([r["model"], r["kind"], r["batch"], r["context"], r.get("path"), _num(r.get("tokens_per_s"), 1),
                      _num(r.get("step_ms"), 2), _num(r.get("prefill_and_first_token_s"), 2),
                      " ".join(f"{1e3 * s:.0f}" for s in r.get("warmup_step_s", [])) or "-", _gb(r.get("used_bytes")),
-                     "OOM" if r.get("oom") else ("yes" if r.get("fits_budget") else "no")])
+                     "OOM" if r.get("oom") else "error" if r.get("error") else ("yes" if r.get("fits_budget") else "no")])
     lines += _table(["model", "row", "batch", "context", "path", "tokens/s", "ms/step", "prefill s", "warm-up ms",
                      "used GB", "fits"], rows)
     for m in data.get("max_batch", []):
@@ -1096,7 +1120,7 @@ def _plot_memory(datas: dict, report: dict):
     groups = []
     for key, data in datas.items():
         for r in data.get("rows", []):
-            if r.get("skipped"):
+            if r.get("skipped") or "weights_bytes" not in r:
                 continue
             last = r.get("decode") or r.get("prefill") or {}
             peaks = [s.get("alloc_peak_bytes") for s in (r.get("prefill"), r.get("decode")) if s and s.get("alloc_peak_bytes")]

@@ -5,19 +5,32 @@ The three models of one comparison share a shape and differ only in how they loo
 - `looplm`: `cache_mode="per_loop"`, Ouro exactly, one row per token per layer per loop;
 - `standard`: the same stack run once (`num_loops=1`), a plain transformer (both cache modes coincide).
 
-Results go to `benchmarks/results/<name>_<preset>_<device-slug>.json` and `.png`, written atomically
-(temporary file + rename) so a crashed run never leaves a half-written result beside good ones.
+Results go to `runs/benchmarks/<name>_<preset>_<device-slug>.json` and `.png` under the current directory
+(`/runs/` is git-ignored, so a run never dirties a checkout) unless `--out-dir` says otherwise; the files committed
+under `benchmarks/results/` are written there deliberately, with `--out-dir benchmarks/results`. Files are written
+atomically (temporary file + rename) so a crashed run never leaves a half-written result beside good ones.
 Nothing here asserts a timing: the benchmarks measure and report.
+
+Memory figures say how they were obtained (`AllocationPeak.method`, `ProcessPeakRSS.method`):
+- arithmetic: `MeltCache.nbytes()` (rows held x bytes per row) and the analytic formula of `kv_bytes_per_token`;
+- allocated buffers: `MeltCache.capacity_nbytes()` (the sizes of the cache's buffers, spare capacity included);
+- allocator-measured: on CUDA `torch.cuda.max_memory_allocated` (stats reset before the block); on CPU the
+  CPU allocator's own running total, reported for every allocation and free under
+  `torch.profiler.profile(profile_memory=True)`;
+- process: the peak resident set of the whole process (CPU only; `/proc/self/status` VmHWM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import json
 import math
 import os
 import platform
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -26,7 +39,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Default output directory: relative to where the benchmark runs, under the git-ignored `/runs/` of a checkout.
+DEFAULT_OUT_DIR = Path("runs") / "benchmarks"
+# Where committed results live (written only through an explicit `--out-dir`).
+COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = DEFAULT_OUT_DIR  # the former name of the default, for callers written before the untracked default
 
 MODELS = ("melt", "looplm", "standard")
 MODEL_LABELS = {"melt": "MELT (shared)", "looplm": "LoopLM / Ouro (per-loop)", "standard": "standard (1 loop)"}
@@ -210,7 +227,7 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 
 
 def result_paths(name: str, preset: str, device: torch.device, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
     stem = f"{name}_{preset}_{device_slug(device)}"
     return out / f"{stem}.json", out / f"{stem}.png"
 
@@ -290,16 +307,23 @@ def print_table(*args, **kwargs) -> None:
 
 
 def _cell(value) -> str:
+    """A table cell: thousands separators for large numbers, 4 significant digits below 1,000, never `1.6e+04`."""
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
         if value == 0:
             return "0"
-        if abs(value) >= 1e4 or abs(value) < 1e-3:
-            return f"{value:.3e}"
-        return f"{value:.4g}" if abs(value) < 100 else f"{value:.1f}"
+        if abs(value) >= 1_000:
+            return f"{value:,.0f}"
+        if abs(value) >= 1e-3:
+            return f"{value:.4g}"
+        return f"{value:.2e}"  # below a thousandth, significant digits need an exponent
     return str(value)
 
 
@@ -310,3 +334,185 @@ def human_bytes(n: float | None) -> str | None:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
+
+
+# -- memory measurement -------------------------------------------------------------------------------------------
+
+
+class AllocationPeak:
+    """Peak memory that PyTorch's allocator handed out during a block (a context manager).
+
+    - CUDA: `torch.cuda.max_memory_allocated` with the peak statistics reset on entry. `peak` is absolute
+      (it includes what was allocated before the block: weights, an existing cache), `before` is
+      `torch.cuda.memory_allocated` on entry and `delta = peak - before`.
+    - CPU: the CPU allocator reports every allocation and free, with its running total, to the profiler under
+      `torch.profiler.profile(profile_memory=True)`; `delta` is the highest running total during the block
+      above its value at the first allocation, i.e. the peak of bytes allocated inside the block and not yet
+      freed. Frees of tensors allocated before the block are not subtracted (their size is unknown to the
+      profiler), so it never under-reports growth. `peak` and `before` are None (no absolute figure on CPU).
+    The profiler records every operator: measure in an untimed pass.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.before = self.peak = self.delta = None
+        self._profile = None
+        if self.device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated (allocator peak, stats reset before the block)"
+        else:
+            self.method = "torch CPU allocator running total under torch.profiler(profile_memory=True): peak above the block's start"
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.delta = self.peak - self.before
+            return False
+        self._profile.__exit__(*exc)
+        if exc[0] is None:
+            self.delta = _profiled_cpu_peak(self._profile)
+        self._profile = None
+        return False
+
+
+def _profiled_cpu_peak(prof) -> int | None:
+    """Peak of the CPU allocator's running total during a profile, above its value before the first allocation."""
+    try:
+        from torch._C._profiler import _EventType
+
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        events = []
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+    except (AttributeError, ImportError, RuntimeError):  # the profiler's event tree is not a public API
+        return None
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(0, max(total for _, _, total in events) - start)
+
+
+class ProcessPeakRSS:
+    """Peak resident set size of the whole process during a block (CPU runs; a context manager).
+
+    Read from /proc/self/status (VmHWM), reset on entry by writing 5 to /proc/self/clear_refs; where that is
+    refused, the never-reset `ru_maxrss` (then `method` says so). It counts the interpreter, libraries and
+    memory the C allocator keeps after frees, so a model run after another one may show no growth at all:
+    it is the process's footprint, not what the block allocated (see `AllocationPeak`).
+    """
+
+    def __init__(self):
+        self.before = self.peak = None
+        self.method = None
+
+    def __enter__(self):
+        gc.collect()
+        resettable = _reset_rss_peak()
+        self.method = ("process peak RSS: /proc/self/status VmHWM, reset via /proc/self/clear_refs" if resettable
+                       else "process peak RSS: resource.getrusage ru_maxrss (not resettable: peak over the whole process)")
+        self.before = _rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = _peak_rss_bytes()
+        return False
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _rss_bytes() -> int:
+    rss = _proc_status("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss_bytes() -> int:
+    hwm = _proc_status("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def memory_probe(device: torch.device | str):
+    """`AllocationPeak` of the block, and on CPU also `ProcessPeakRSS`; yields a dict filled on exit."""
+    device = torch.device(device)
+    result: dict = {}
+    rss = ProcessPeakRSS() if device.type == "cpu" else contextlib.nullcontext()
+    with rss, AllocationPeak(device) as alloc:
+        yield result
+    result.update({"alloc_method": alloc.method, "alloc_before_bytes": alloc.before, "alloc_peak_bytes": alloc.peak,
+                   "alloc_peak_delta_bytes": alloc.delta})
+    if device.type == "cpu":
+        result.update({"process_method": rss.method, "process_peak_rss_bytes": rss.peak,
+                       "process_rss_before_bytes": rss.before})
+
+
+def supports_static_cache(net) -> bool:
+    """Whether the model offers a preallocated cache: `new_cache(max_cache_len=...)`."""
+    import inspect
+
+    new_cache = getattr(net, "new_cache", None)
+    if new_cache is None:
+        return False
+    try:
+        return "max_cache_len" in inspect.signature(new_cache).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def cache_with_context(net, ids: torch.Tensor, room: int, static: bool | None = None):
+    """A cache holding the rows of a real prefill of `ids` (`[B, context]`), with room for `room` more tokens.
+
+    Public API only. With a preallocated cache (`new_cache(max_cache_len=...)`, see `supports_static_cache`) the
+    prefill runs into `new_cache(max_cache_len=context + room)`. Otherwise the prefill covers `context + room`
+    tokens and `crop(context)` drops the last `room`: the dynamic cache keeps their capacity, so the next `room`
+    decode steps write in place instead of growing (and copying) the buffers. Returns `(cache, prefill_s)`.
+    """
+    static = supports_static_cache(net) if static is None else static
+    batch, context = ids.shape
+    device = ids.device
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if static:
+            cache = net.new_cache(max_cache_len=context + room)
+            net(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        else:
+            extra = torch.randint(1, net.config.vocab_size, (batch, room), device=device)
+            cache = net(torch.cat([ids, extra], dim=1), use_cache=True, logits_to_keep=1).cache
+            cache.crop(context)
+    synchronize(device)
+    return cache, time.perf_counter() - start

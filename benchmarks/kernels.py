@@ -16,9 +16,9 @@ benchmarks/results/kernels_aot.json and .png. Nothing is asserted.
   time includes the concatenation. TFLOP/s count the visible (query, key) pairs only: 4 * D flops
   per pair forward, 2.5x that backward.
 
-Prints a table, writes benchmarks/results/kernels_<device>.json and .png (machine info, torch and
+Prints a table, writes runs/benchmarks/kernels_<device>.json and .png (machine info, torch and
 triton versions included; files written via `benchmarks.common`). Timings are medians of
-`triton.testing.do_bench`; nothing is asserted. Without a GPU it says so and exits with status 0.
+`triton.testing.do_bench`; nothing is asserted. Without a GPU it says so and exits with status 1.
 """
 
 from __future__ import annotations
@@ -265,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         aot_report(args.workers)
         return 0
     if not torch.cuda.is_available():
-        print("benchmarks.kernels needs a CUDA GPU (it times Triton kernels against SDPA flash); none found.")
-        return 0
+        print("benchmarks.kernels needs a CUDA GPU (it times Triton kernels against SDPA flash); none found.",
+              file=sys.stderr)
+        return 1
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device("cuda")
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         attention = bench_chunk_attention()
     print_tables(gated, attention)
 
-    stem = common.RESULTS_DIR / f"kernels_{common.device_slug(device)}"
+    stem = common.DEFAULT_OUT_DIR / f"kernels_{common.device_slug(device)}"
     payload = {"machine": common.machine_info(device), "dtype": str(DTYPE), "gated_update": gated,
                "chunk_attention": attention}
     json_path = common.write_json(stem.with_suffix(".json"), payload)

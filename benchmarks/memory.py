@@ -2,20 +2,23 @@
 
     python -m benchmarks.memory --preset tiny|ouro-1.4b|ouro-2.6b [--contexts ...] [--loops ...] [--out-dir DIR]
 
-What it reports (table on stdout, JSON + PNG under benchmarks/results/):
+What it reports (table on stdout, JSON + PNG under runs/benchmarks/ or --out-dir); each memory figure is
+labelled with how it was obtained:
 - KV bytes per token and at each context, for num_loops 1, 2, 4, 8, 16: ANALYTIC (layers x rows-per-layer x
-  2 x kv_heads x head_dim x dtype bytes) next to MEASURED (`MeltCache.nbytes()` after a real forward of
-  the prompt, batch 1, random weights). The standard transformer runs one loop by definition, so it has
-  one row per context (at num_loops 1). Contexts that do not fit the device are left unmeasured (None).
-- Peak memory of a real generation (prompt + `--gen-tokens` greedy tokens, `model.generate`) at the
-  preset's loops: on CUDA `torch.cuda.max_memory_allocated` around the call (stats reset before it); on
-  CPU the cache's own bytes plus the process's peak resident set read from /proc/self/status (VmHWM,
-  reset before each model by writing 5 to /proc/self/clear_refs; where that is refused, the
-  never-reset `ru_maxrss`, which the JSON says). On CPU the RSS delta includes allocator noise and, for
-  tiny models, is dominated by it; the cache bytes are exact.
+  2 x kv_heads x head_dim x dtype bytes) next to HELD, `MeltCache.nbytes()` after a real forward of the
+  prompt (batch 1, random weights): the cache's own count of rows held x row bytes (arithmetic, not an
+  allocation), and ALLOCATED, `MeltCache.capacity_nbytes()`: the bytes of the cache's buffers, spare capacity
+  included. The standard transformer runs one loop by definition, so it has one row per context (at num_loops
+  1). Contexts that do not fit the device are left unmeasured (None).
+- Memory of a real generation (prompt + `--gen-tokens` greedy tokens, `model.generate`) at the preset's loops,
+  by the allocator (`common.AllocationPeak`): on CUDA `torch.cuda.max_memory_allocated` around the call (stats
+  reset before it); on CPU the peak of bytes the CPU allocator handed out during the call, above its start
+  (torch.profiler memory events), and, labelled as the process's figure, the peak resident set of the whole
+  process (VmHWM), which also counts the interpreter and memory the C allocator keeps after frees.
 - The published row (MELT_SPEC section 6): the Ouro-1.4B shape at 32,000 tokens ("32K" there: 0.786 MB x
-  32,000 = 25.17 GB, decimal GB), 4 loops, bf16: analytic KV and weights + KV, next to the measured
-  figures (only for `--preset ouro-1.4b` on a GPU) and the published ones.
+  32,000 = 25.17 GB, decimal GB), 4 loops, bf16: analytic KV and weights + KV, next to the allocator-measured
+  figures of a 32,000-token prefill plus a few decode steps (`context_memory`; only for `--preset ouro-1.4b`
+  on a GPU) and the published ones.
 
 The `tiny` preset's contexts are scaled down (32 .. 1024, i.e. 1K .. 32K / 32) so that every row is
 measured on two CPU cores in seconds.
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 
 import matplotlib.ticker
 
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-context", type=parse_tokens, help="prompt tokens of the generation run")
     parser.add_argument("--gen-tokens", type=int, help="tokens decoded in the generation run")
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--out-dir", help="directory for the JSON and PNG (default benchmarks/results)")
+    parser.add_argument("--out-dir", help="directory for the JSON and PNG (default runs/benchmarks; committed results: "
+                        "benchmarks/results)")
     parser.add_argument("--no-published", action="store_true", help="skip the Ouro-1.4B published-row measurement")
     return parser
 
@@ -116,74 +119,9 @@ def kv_sweep(net, model: str, preset: str, contexts, loops, device: torch.device
     return rows
 
 
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or the process's peak RSS on CPU (see the module docstring)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = None
-        self.base = self.peak = None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            self.method = "/proc/self/status VmHWM (reset via /proc/self/clear_refs)" if _reset_rss_peak() else (
-                "resource.getrusage ru_maxrss (not resettable: peak over the whole process)")
-            self.base = _rss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _peak_rss_bytes()
-        return False
-
-    @property
-    def delta(self) -> int | None:
-        return None if self.peak is None else max(0, self.peak - self.base)
-
-
-def _proc_status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _rss_bytes() -> int:
-    rss = _proc_status("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _proc_status("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def generation_peak(net, model: str, preset: str, prompt: int, new_tokens: int, device: torch.device,
                     dtype: torch.dtype) -> dict:
-    """Peak memory of `net.generate` (greedy, exactly `new_tokens` tokens) on a `prompt`-token random prompt."""
+    """Memory of `net.generate` (greedy, exactly `new_tokens` tokens) on a `prompt`-token random prompt."""
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     ids = torch.randint(1, net.config.vocab_size, (1, prompt), device=device)
     num_loops = net.config.num_loops
@@ -192,24 +130,67 @@ def generation_peak(net, model: str, preset: str, prompt: int, new_tokens: int, 
     row = {"model": model, "num_loops": num_loops, "prompt_tokens": prompt, "new_tokens": new_tokens,
            "weights_bytes": weights, "analytic_kv_bytes": analytic_kv}
     try:
-        with torch.no_grad(), PeakMemory(device) as peak:
+        with torch.no_grad(), common.memory_probe(device) as probe:
             out = net.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                eos_token_id=None, pad_token_id=0, use_cache=True, return_dict_in_generate=True)
         cache = out.cache
-        row.update({
-            "cache_nbytes": cache.nbytes(),
-            "cache_capacity_nbytes": cache.capacity_nbytes(),
-            "peak_method": peak.method,
-            "peak_bytes": peak.peak,
-            "peak_delta_bytes": peak.delta,
-        })
+        row.update({"cache_nbytes": cache.nbytes(), "cache_capacity_nbytes": cache.capacity_nbytes(), **probe})
     except torch.OutOfMemoryError:
-        row.update({"cache_nbytes": None, "peak_bytes": None, "peak_delta_bytes": None, "oom": True})
+        row.update({"cache_nbytes": None, "cache_capacity_nbytes": None, "alloc_peak_delta_bytes": None, "oom": True})
     return row
 
 
-def published_row(device: torch.device, preset: str, measure: bool) -> list[dict]:
-    """The Ouro-1.4B shape at 32,000 tokens, 4 loops, bf16: analytic | measured (GPU) | published."""
+def context_memory(net, context: int, decode_tokens: int, device: torch.device, batch: int = 1,
+                   static: bool | None = None) -> dict:
+    """Memory of a `context`-token prefill then `decode_tokens` one-token steps (`batch` sequences), by the allocator.
+
+    The cache is the model's preallocated one (`new_cache(max_cache_len=context + decode_tokens)`) where the model
+    offers it (`common.supports_static_cache`), else the dynamic cache the forward creates. Reports, after each
+    stage: the cache's rows held (`nbytes`, arithmetic) and its buffers (`capacity_nbytes`); the allocator's peak
+    during the stage (`common.AllocationPeak`); on CUDA also `memory_allocated` after it (weights + cache + what
+    the step keeps). An out-of-memory error ends the measurement with `oom` naming the stage.
+    """
+    static = common.supports_static_cache(net) if static is None else static
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    row = {"context": context, "decode_tokens": decode_tokens, "batch": batch, "num_loops": net.config.num_loops,
+           "cache_mode": net.config.cache_mode, "cache": "preallocated (new_cache(max_cache_len))" if static else "dynamic",
+           "weights_bytes": weights, "oom": None}
+    if device.type == "cuda":
+        row["allocated_before_bytes"] = torch.cuda.memory_allocated(device)
+    ids = torch.randint(1, net.config.vocab_size, (batch, context), device=device)
+    stage = "prefill"
+    try:
+        with torch.no_grad():
+            with common.memory_probe(device) as probe:
+                cache = net.new_cache(max_cache_len=context + decode_tokens) if static else None
+                out = net(ids, cache=cache, use_cache=True, logits_to_keep=1)
+                cache = out.cache
+            row["prefill"] = {**probe, **_cache_state(cache, device)}
+            stage = "decode"
+            token = out.logits[:, -1:].argmax(-1)
+            del out
+            with common.memory_probe(device) as probe:
+                for _ in range(decode_tokens):
+                    token = net(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            row["decode"] = {**probe, **_cache_state(cache, device)}
+    except torch.OutOfMemoryError as error:
+        row["oom"] = f"{stage}: {str(error).splitlines()[0]}"
+    finally:
+        del ids
+        _release(device)
+    return row
+
+
+def _cache_state(cache, device: torch.device) -> dict:
+    state = {"cache_tokens": cache.get_seq_length(), "cache_nbytes": cache.nbytes(),
+             "cache_capacity_nbytes": cache.capacity_nbytes()}
+    if device.type == "cuda":
+        state["allocated_after_bytes"] = torch.cuda.memory_allocated(device)
+    return state
+
+
+def published_row(device: torch.device, preset: str, measure: bool, decode_tokens: int = 4) -> list[dict]:
+    """The Ouro-1.4B shape at 32,000 tokens, 4 loops, bf16: analytic | allocator-measured (GPU) | published."""
     rows = []
     dtype = torch.bfloat16
     for model in ("melt", "looplm"):
@@ -224,27 +205,39 @@ def published_row(device: torch.device, preset: str, measure: bool) -> list[dict
             "analytic_kv_gb": kv / 1e9,
             "analytic_weights_gb": weights / 1e9,
             "analytic_total_gb": (kv + weights) / 1e9,
-            "measured_kv_gb": None,
-            "measured_total_gb": None,
-            "measured_peak_gb": None,
+            "held_kv_gb": None,
+            "allocated_kv_gb": None,
+            "allocated_total_gb": None,
+            "alloc_peak_gb": None,
             "published_kv_gb": common.PUBLISHED_GB[model]["kv_gb"],
             "published_total_gb": common.PUBLISHED_GB[model]["total_gb"],
             "published_model": common.PUBLISHED_GB[model]["model"],
         }
         if measure and device.type == "cuda" and preset == "ouro-1.4b" and _fits(device, kv + weights):
             net = common.build_model("ouro-1.4b", model, device=device, dtype=dtype)
-            weights_measured = torch.cuda.memory_allocated(device)
-            with PeakMemory(device) as peak:
-                measured = measure_kv(net, common.PUBLISHED_CONTEXT, 4, device)
-            if measured is not None:
-                row["measured_kv_gb"] = measured["nbytes"] / 1e9
-                row["measured_total_gb"] = (weights_measured + measured["nbytes"]) / 1e9
-                row["measured_peak_gb"] = peak.peak / 1e9  # weights + cache + prefill activations
+            row["measurement"] = measured = context_memory(net, common.PUBLISHED_CONTEXT, decode_tokens, device)
+            row.update(published_comparison(measured))
             del net
-            gc.collect()
-            torch.cuda.empty_cache()
+            _release(device)
         rows.append(row)
     return rows
+
+
+def published_comparison(measured: dict) -> dict:
+    """GB figures of a `context_memory` row (CUDA) in the published table's terms (GB = 1e9 bytes).
+
+    held_kv_gb: `nbytes()` (arithmetic); allocated_kv_gb: `capacity_nbytes()` (the buffers); allocated_total_gb:
+    `torch.cuda.memory_allocated` after prefill + decode (weights + cache + what the step keeps); alloc_peak_gb:
+    `torch.cuda.max_memory_allocated` over prefill and decode.
+    """
+    last = measured.get("decode") or measured.get("prefill") or {}
+    peaks = [stage["alloc_peak_bytes"] for stage in (measured.get("prefill"), measured.get("decode"))
+             if stage and stage.get("alloc_peak_bytes") is not None]
+    gb = lambda v: None if v is None else v / 1e9  # noqa: E731
+    return {"held_kv_gb": gb(last.get("cache_nbytes")), "allocated_kv_gb": gb(last.get("cache_capacity_nbytes")),
+            "allocated_total_gb": gb(last.get("allocated_after_bytes")), "alloc_peak_gb": gb(max(peaks) if peaks else None),
+            "after": "prefill + decode" if measured.get("decode") else "prefill only" if measured.get("prefill") else None,
+            "oom": measured.get("oom")}
 
 
 # -- reporting -----------------------------------------------------------------------------------------------------
@@ -339,26 +332,43 @@ def print_report(payload: dict) -> None:
     ]
     common.print_table(
         per_token_rows, ["model", "num_loops", "analytic_bytes_per_token", "measured_bytes_per_token", "looplm_over_melt"],
-        ["model", "loops", "analytic B/token", "measured B/token", "LoopLM / MELT"],
-        title=f"KV bytes per token (measured at {largest} tokens, batch 1, {payload['dtype']})")
+        ["model", "loops", "analytic B/token", "held B/token (nbytes)", "LoopLM / MELT"],
+        title=f"KV bytes per token (held at {largest} tokens, batch 1, {payload['dtype']})")
     fixed = payload["fixed_loops"]
-    ctx_rows = [{**r, "analytic": common.human_bytes(r["analytic_bytes"]), "measured": common.human_bytes(r["measured_bytes"]),
+    ctx_rows = [{**r, "analytic": common.human_bytes(r["analytic_bytes"]), "held": common.human_bytes(r["measured_bytes"]),
+                 "allocated": common.human_bytes(r.get("measured_capacity_bytes")),
                  "match": None if r["measured_bytes"] is None else r["measured_bytes"] == r["analytic_bytes"]}
                 for r in rows if r["num_loops"] == (1 if r["model"] == "standard" else fixed)]
-    common.print_table(ctx_rows, ["model", "num_loops", "context", "analytic", "measured", "match"],
+    common.print_table(ctx_rows, ["model", "num_loops", "context", "analytic", "held", "match", "allocated"],
+                       ["model", "loops", "context", "analytic", "held (nbytes)", "held = analytic",
+                        "allocated (capacity_nbytes)"],
                        title=f"KV cache by context ({fixed} loops; standard: 1); every (model, loops, context) row is in the JSON")
-    gen = [{**r, "cache": common.human_bytes(r.get("cache_nbytes")), "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]),
-            "weights": common.human_bytes(r["weights_bytes"]), "peak": common.human_bytes(r.get("peak_bytes")),
-            "peak_delta": common.human_bytes(r.get("peak_delta_bytes"))} for r in payload["generation"]]
-    method = payload["generation"][0].get("peak_method")
-    common.print_table(gen, ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "cache", "peak", "peak_delta"],
-                       ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV measured", "peak", "peak - before"],
-                       title=f"Peak memory of a generation (peak: {method})")
-    common.print_table(payload["published"], ["model", "context", "num_loops", "analytic_kv_gb", "measured_kv_gb", "published_kv_gb",
-                                              "analytic_total_gb", "measured_total_gb", "published_total_gb"],
-                       ["model", "tokens", "loops", "KV analytic GB", "KV measured GB", "KV published GB",
-                        "total analytic GB", "total measured GB", "total published GB"],
-                       title="Ouro-1.4B shape, bf16, 32,000 tokens (published row, MELT_SPEC section 6; measured on GPU only)")
+    gen = [{**r, "held": common.human_bytes(r.get("cache_nbytes")), "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]),
+            "allocated": common.human_bytes(r.get("cache_capacity_nbytes")),
+            "weights": common.human_bytes(r["weights_bytes"]), "alloc_peak": common.human_bytes(r.get("alloc_peak_bytes")),
+            "alloc_delta": common.human_bytes(r.get("alloc_peak_delta_bytes")),
+            "process_peak": common.human_bytes(r.get("process_peak_rss_bytes"))} for r in payload["generation"]]
+    first = payload["generation"][0]
+    columns = ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated", "alloc_delta"]
+    headers = ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV held (nbytes)", "KV allocated (capacity)",
+               "allocator peak - before"]
+    if first.get("alloc_peak_bytes") is not None:
+        columns.insert(-1, "alloc_peak")
+        headers.insert(-1, "allocator peak")
+    if first.get("process_peak_rss_bytes") is not None:
+        columns.append("process_peak")
+        headers.append("process peak RSS")
+    notes = f"allocator: {first.get('alloc_method')}"
+    if first.get("process_method"):
+        notes += f"; {first['process_method']} (whole process: interpreter, libraries, freed-but-kept memory)"
+    common.print_table(gen, columns, headers, title=f"Memory of a generation ({notes})")
+    common.print_table(payload["published"], ["model", "context", "num_loops", "analytic_kv_gb", "held_kv_gb", "allocated_kv_gb",
+                                              "published_kv_gb", "analytic_total_gb", "allocated_total_gb", "alloc_peak_gb",
+                                              "published_total_gb"],
+                       ["model", "tokens", "loops", "KV analytic GB", "KV held GB", "KV allocated GB", "KV published GB",
+                        "total analytic GB", "total allocated GB", "allocator peak GB", "total published GB"],
+                       title="Ouro-1.4B shape, bf16, 32,000 tokens (published row, MELT_SPEC section 6; allocator-measured on "
+                             "GPU only: memory_allocated after prefill + decode, max_memory_allocated over both)")
     s = payload["summary"]
     print(f"MELT KV spread over loops {loops}: {s['melt_kv_max_relative_spread_over_loops']}  "
           f"(goal <= 1%: {s['goal_melt_kv_constant_within_1pct']}); standard B/token {s['standard_measured_bytes_per_token']}")
@@ -404,7 +414,10 @@ def main(argv=None) -> dict:
         "notes": {
             "standard": "the standard transformer runs 1 loop by definition: one row per context, at num_loops 1",
             "published_context": "MELT_SPEC section 6 '32K' = 32,000 tokens, GB = 1e9 bytes",
-            "measured": "MeltCache.nbytes() after a real forward (batch 1, random weights); None = did not fit",
+            "measured_bytes": "held: MeltCache.nbytes() after a real forward (batch 1, random weights), the cache's own "
+                              "arithmetic (rows held x row bytes), not an allocation; None = did not fit",
+            "measured_capacity_bytes": "allocated buffers: MeltCache.capacity_nbytes(), spare capacity included",
+            "generation": "alloc_*: measured by the allocator (see alloc_method); process_*: the whole process's peak RSS",
         },
     }
     json_path, png_path = common.result_paths("memory", preset, device, args.out_dir)

@@ -37,8 +37,8 @@ those in the time budget (all at chance, even one hop), so the reproduction uses
 while choosing the task; the numbers are in README).
 
 Results: a table (mean +- std over seeds, and the min-max) on stdout, `reproduce_<preset>_<device>.json`
-and `.png` under `benchmarks/results/` (or --out-dir). Trained models are cached in the run directory
-(`--run-dir`, default `runs/reproduce-<preset>` at the repository root): a rerun with the same recipe reuses
+and `.png` under `runs/benchmarks/` (or --out-dir; committed results: `benchmarks/results/`). Trained models
+are cached in the run directory (`--run-dir`, default `runs/reproduce-<preset>` at the repository root): a rerun with the same recipe reuses
 them, a changed recipe starts over. The run directory also holds the converter's logs.
 """
 
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every training step count (pretraining and both converter phases)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1; smoke: 0)")
-    parser.add_argument("--out-dir", type=Path, help="directory for the JSON and PNG (default benchmarks/results)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="directory for the JSON and PNG (default runs/benchmarks; committed results: benchmarks/results)")
     parser.add_argument("--run-dir", type=Path, help="trained models and logs (default runs/reproduce-<preset>)")
     parser.add_argument("--jobs", type=int,
                         help="seeds trained at once, each in its own process (default: min(seeds, CPU cores))")

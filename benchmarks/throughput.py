@@ -2,25 +2,30 @@
 
     python -m benchmarks.throughput --preset tiny|ouro-1.4b|ouro-2.6b [--budget-gb G] [--out-dir DIR]
 
-What it reports (table on stdout, JSON + PNG under benchmarks/results/); every time is the median of
-`--repeats` calls after `--warmup` untimed ones, bracketed by `torch.cuda.synchronize` on a GPU:
+What it reports (table on stdout, JSON + PNG under runs/benchmarks/ or --out-dir); every time is the median
+of `--repeats` calls after `--warmup` untimed ones, bracketed by `torch.cuda.synchronize` on a GPU:
 - Decode tokens/s at batch 1, 8, 64 (one token per sequence per step, `--decode-steps` steps) after a
-  `--decode-context`-token prefix. The prefix rows are written into the cache directly (zeros): a
-  decode step's cost depends on how many rows it reads, not on their values, and this keeps a 32K
-  prefix affordable on a CPU.
+  `--decode-context`-token prefix, built through the public API only (`common.cache_with_context`): a real
+  prefill into the model's preallocated cache (`new_cache(max_cache_len=...)`) where it offers one, else a
+  prefill of context + steps tokens cropped back to the context (`cache.crop`), so the timed steps write into
+  capacity that exists and never regrow the cache. Beside each rate, the cache's rows held (`nbytes()`,
+  arithmetic) and buffers (`capacity_nbytes()`), and the memory of the prefill + decode steps measured by the
+  allocator in a separate untimed pass (`common.memory_probe`: `torch.cuda.max_memory_allocated` on a GPU; on
+  CPU the CPU allocator's peak above the start, plus the process's peak RSS, labelled as such).
 - Prefill tokens/s: MELT with chunk sizes 1, 64, 500, 2000 (chunks run one after another) against
   LoopLM's parallel prefill (one pass over the prompt per loop) and the standard transformer. Chunk 1
   runs a shorter prompt (`--prefill-tokens-chunk1`), since it is one sequential round per token.
 - The largest batch that fits `--budget-gb` at a 32K context, per model: analytic, from
   `weights + batch x KV(32K tokens)` (activations of one decode step are small beside the cache and are
-  left out), verified on a GPU by allocating that cache and running a decode step, and the decode
-  throughput at that batch.
+  left out), verified on a GPU by a real prefill of that batch and two decode steps, whose
+  `torch.cuda.max_memory_allocated` must stay within the budget, and the decode throughput at that batch.
 - Training-step time (forward + backward of the LM loss, `--train-chunk` chunk, `--train-tokens` tokens)
   for MELT against LoopLM and the standard transformer.
 - The goals, as ratios from this run (judged on a GPU; never asserted here): MELT KV constant in loops
   within 1%, decode tokens/s at batch 1 >= 0.95x LoopLM, max batch at the budget >= 3.5x LoopLM at 4
   loops, training step <= 2x LoopLM.
-The `tiny` preset uses smaller prompts and sequences on a CPU; the structure of the report is the same.
+The `tiny` preset uses smaller prompts, sequences and a 2,048-token budget context on a CPU (a real prefill of
+the max batch at 32K would take minutes there); the structure of the report is the same.
 """
 
 from __future__ import annotations
@@ -36,13 +41,12 @@ from .memory import parse_tokens
 # Per preset family: tiny (CPU) and the Ouro shapes (GPU).
 DEFAULTS = {
     "tiny": dict(decode_context=128, decode_steps=4, prefill_tokens=256, prefill_tokens_chunk1=48,
-                 train_tokens=1000, train_chunk=500, budget_gb=1.0, warmup=1, repeats=3),
+                 train_tokens=1000, train_chunk=500, budget_gb=0.05, budget_context=2048, warmup=1, repeats=3),
     "big": dict(decode_context=2048, decode_steps=16, prefill_tokens=8192, prefill_tokens_chunk1=128,
-                train_tokens=10_000, train_chunk=500, budget_gb=80.0, warmup=2, repeats=5),
+                train_tokens=10_000, train_chunk=500, budget_gb=80.0, budget_context=32_768, warmup=2, repeats=5),
 }
 DECODE_BATCHES = (1, 8, 64)
 CHUNK_SIZES = (1, 64, 500, 2000)
-BUDGET_CONTEXT = 32_768
 GOALS = {
     "melt_kv_spread_over_loops": ("<=", 0.01),
     "decode_b1_melt_over_looplm": (">=", 0.95),
@@ -55,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-    parser.add_argument("--out-dir", help="directory for the JSON and PNG (default benchmarks/results)")
+    parser.add_argument("--out-dir", help="directory for the JSON and PNG (default runs/benchmarks; committed results: "
+                        "benchmarks/results)")
     parser.add_argument("--batches", nargs="+", type=int, default=list(DECODE_BATCHES), help="decode batch sizes")
     parser.add_argument("--chunk-sizes", nargs="+", type=int, default=list(CHUNK_SIZES), help="MELT prefill chunk sizes")
     parser.add_argument("--decode-context", type=parse_tokens)
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-tokens", type=parse_tokens)
     parser.add_argument("--train-chunk", type=int)
     parser.add_argument("--budget-gb", type=float, help="memory budget (1e9 bytes) for the max-batch row")
-    parser.add_argument("--budget-context", type=parse_tokens, default=BUDGET_CONTEXT)
+    parser.add_argument("--budget-context", type=parse_tokens, help="context of the max-batch row (tiny 2K, else 32K)")
     parser.add_argument("--max-batch-cap", type=int, default=256,
                         help="largest batch actually run for the max-batch throughput (the analytic batch is reported uncapped)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="checkpoint layers in the training step")
@@ -77,31 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
 # -- pieces -------------------------------------------------------------------------------------------------------
 
 
-def filled_cache(net, batch: int, context: int, extra: int, device: torch.device):
-    """A cache holding `context` rows (zeros) per sequence, with room for `extra` more without regrowing."""
-    cache = net.new_cache()
-    dtype = next(net.parameters()).dtype
-    like = torch.empty(batch, net.config.num_key_value_heads, 0, net.config.head_dim, dtype=dtype, device=device)
-    for layer in cache.layers:
-        layer.reserve(context + extra, like=like)
-        layer.length = context
-    return cache
+def decode_rate(net, batch: int, context: int, steps: int, device: torch.device, warmup: int, repeats: int,
+                measure_memory: bool = True) -> dict:
+    """Decode tokens/s: `steps` one-token steps of `batch` sequences after `context` cached tokens.
 
-
-def decode_rate(net, batch: int, context: int, steps: int, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Decode tokens/s: `steps` one-token steps of `batch` sequences after `context` cached tokens."""
-    cache = filled_cache(net, batch, context, steps, device)
-    token = torch.randint(1, net.config.vocab_size, (batch, 1), device=device)
+    The context is a real prefill (`common.cache_with_context`, public cache API only); every timed call starts
+    from it again (`cache.crop(context)`, untimed). Memory is measured in a separate untimed pass.
+    """
+    ids = torch.randint(1, net.config.vocab_size, (batch, context), device=device)
+    cache, prefill_s = common.cache_with_context(net, ids, steps)
+    del ids
+    start = torch.randint(1, net.config.vocab_size, (batch, 1), device=device)
 
     def run():
-        nonlocal token
+        token = start
         for _ in range(steps):
             out = net(token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
 
+    row = {"context_prefill_s": prefill_s, "cache": "preallocated" if common.supports_static_cache(net) else "dynamic"}
     with torch.no_grad():
+        if measure_memory:
+            with common.memory_probe(device) as probe:
+                run()
+            row.update(probe)
+            row.update({"cache_nbytes": cache.nbytes(), "cache_capacity_nbytes": cache.capacity_nbytes()})
         timing = common.time_call(run, device, warmup, repeats, setup=lambda: cache.crop(context))
-    return {"tokens_per_s": batch * steps / timing["median_s"], "step_ms": 1e3 * timing["median_s"] / steps, **timing}
+    return {"tokens_per_s": batch * steps / timing["median_s"], "step_ms": 1e3 * timing["median_s"] / steps, **row, **timing}
 
 
 def prefill_rate(net, tokens: int, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -157,6 +164,7 @@ def run(args, device: torch.device) -> dict:
         if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
     warmup, repeats = opts["warmup"], opts["repeats"]
+    budget_context = opts["budget_context"]
     budget_bytes = opts["budget_gb"] * 1e9
 
     decode, prefill, train, batch_rows, kv_loops = [], [], [], [], []
@@ -165,7 +173,8 @@ def run(args, device: torch.device) -> dict:
         if model == common.MODELS[0]:
             # Untimed process warm-up (lazy kernel and thread-pool set-up), else the first model measured pays it:
             # on CPU the first second of decode steps ran ~10x slower than the same steps later.
-            _guard(decode_rate, net, 1, opts["decode_context"], opts["decode_steps"], device, 2 * warmup + 2, 1)
+            _guard(decode_rate, net, 1, opts["decode_context"], opts["decode_steps"], device, 2 * warmup + 2, 1,
+                   measure_memory=False)
         loops = net.config.num_loops
         for batch in args.batches:
             row = _guard(decode_rate, net, batch, opts["decode_context"], opts["decode_steps"], device, warmup, repeats)
@@ -193,19 +202,21 @@ def run(args, device: torch.device) -> dict:
         train.append({"model": model, "num_loops": loops, "tokens": opts["train_tokens"],
                       "chunk_size": opts["train_chunk"] if model == "melt" else None, **row})
 
-        fit = max_batch(preset, model, budget_bytes, args.budget_context, dtype)
+        fit = max_batch(preset, model, budget_bytes, budget_context, dtype)
         run_batch = min(fit["max_batch_analytic"], args.max_batch_cap)
         fit["batch_run"] = run_batch
         fit["verified_on_device"] = None
         if run_batch > 0:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            row = _guard(decode_rate, net, run_batch, args.budget_context, 2, device, 1, max(1, repeats - 2))
+            # Prefill and decode of the whole batch under the allocator's peak statistics.
+            row = _guard(decode_rate, net, run_batch, budget_context, 2, device, 1, max(1, repeats - 2), measure_memory=False)
             fit["decode_tokens_per_s"] = row.get("tokens_per_s")
             fit["decode_step_ms"] = row.get("step_ms")
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
                 fit["device_peak_bytes"] = peak
+                fit["device_peak_method"] = "torch.cuda.max_memory_allocated over prefill + decode of the batch"
                 fit["verified_on_device"] = not row.get("oom", False) and peak <= budget_bytes
         batch_rows.append(fit)
         del net
@@ -214,7 +225,7 @@ def run(args, device: torch.device) -> dict:
             torch.cuda.empty_cache()
 
     return {"options": {**opts, "batches": args.batches, "chunk_sizes": args.chunk_sizes,
-                        "budget_context": args.budget_context, "grad_checkpointing": args.grad_checkpointing},
+                        "grad_checkpointing": args.grad_checkpointing},
             "decode": decode, "prefill": prefill, "train": train, "max_batch": batch_rows, "melt_kv_by_loops": kv_loops}
 
 
@@ -290,8 +301,25 @@ def plot(result: dict, title: str):
 
 def print_report(payload: dict) -> None:
     r = payload["result"]
-    common.print_table(r["decode"], ["model", "num_loops", "batch", "context", "tokens_per_s", "step_ms"],
-                       ["model", "loops", "batch", "context", "tokens/s", "ms/step"], title="Decode")
+    decode = [{**row, "held": common.human_bytes(row.get("cache_nbytes")),
+               "allocated": common.human_bytes(row.get("cache_capacity_nbytes")),
+               "alloc_peak": common.human_bytes(row.get("alloc_peak_bytes")),
+               "alloc_delta": common.human_bytes(row.get("alloc_peak_delta_bytes")),
+               "process_peak": common.human_bytes(row.get("process_peak_rss_bytes"))} for row in r["decode"]]
+    first = next((row for row in r["decode"] if row.get("alloc_method")), {})
+    columns = ["model", "num_loops", "batch", "context", "tokens_per_s", "step_ms", "held", "allocated", "alloc_delta"]
+    headers = ["model", "loops", "batch", "context", "tokens/s", "ms/step", "KV held (nbytes)", "KV allocated (capacity)",
+               "allocator peak - before"]
+    if first.get("alloc_peak_bytes") is not None:
+        columns.insert(-1, "alloc_peak")
+        headers.insert(-1, "allocator peak")
+    if first.get("process_peak_rss_bytes") is not None:
+        columns.append("process_peak")
+        headers.append("process peak RSS")
+    notes = f"memory of the decode steps, untimed pass; allocator: {first.get('alloc_method')}"
+    if first.get("process_method"):
+        notes += f"; {first['process_method']} (whole process)"
+    common.print_table(decode, columns, headers, title=f"Decode ({notes})")
     common.print_table(r["prefill"], ["model", "mode", "tokens", "tokens_per_s", "median_s"],
                        ["model", "prefill", "tokens", "tokens/s", "median s"], title="Prefill")
     common.print_table(r["max_batch"], ["model", "num_loops", "context", "kv_bytes_per_sequence", "weights_bytes",
@@ -320,7 +348,9 @@ def main(argv=None) -> dict:
         "goals": goals(result),
         "notes": {
             "timing": "median of repeats after warmup; torch.cuda.synchronize around each call on GPU",
-            "decode_cache": "prefix rows written directly (zeros): decode cost depends on row count, not values",
+            "decode_cache": "context from a real prefill (public cache API); each timed call restarts from it via crop",
+            "decode_memory": "cache_nbytes: rows held (arithmetic); cache_capacity_nbytes: buffers; alloc_*: allocator-measured "
+                             "(alloc_method); process_*: the whole process's peak RSS (CPU)",
             "max_batch": "analytic: floor((budget - weights) / KV per sequence); batch_run capped by --max-batch-cap",
         },
     }

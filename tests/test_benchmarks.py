@@ -66,7 +66,46 @@ def test_memory_published_row_is_the_spec_formula():
     rows = {r["model"]: r for r in memory.published_row(common.pick_device("cpu"), "tiny", measure=True)}
     assert rows["looplm"]["analytic_kv_gb"] == pytest.approx(25.17, abs=0.01)
     assert rows["melt"]["analytic_kv_gb"] == pytest.approx(6.29, abs=0.01)
-    assert rows["melt"]["measured_kv_gb"] is None  # never measured off a GPU
+    assert rows["melt"]["held_kv_gb"] is None and rows["melt"]["alloc_peak_gb"] is None  # never measured off a GPU
+
+
+def test_memory_generation_reports_allocations_for_every_model(memory_run):
+    """The allocator's growth is measured per model: LoopLM's used to read 0 B (an RSS delta after MELT's run)."""
+    data = _load(memory_run[0])
+    for row in data["generation"]:
+        assert row["alloc_peak_delta_bytes"] > 0, row
+        assert "torch.profiler" in row["alloc_method"] and "RSS" in row["process_method"]
+        assert row["cache_capacity_nbytes"] >= row["cache_nbytes"] == row["analytic_kv_bytes"]
+    by_model = {r["model"]: r for r in data["generation"]}
+    assert by_model["looplm"]["alloc_peak_delta_bytes"] > by_model["melt"]["cache_nbytes"]
+
+
+def test_table_cells_are_readable():
+    assert common._cell(16384.0) == "16,384" and common._cell(32768) == "32,768" and common._cell(1024) == "1024"
+    assert common._cell(0.1234567) == "0.1235" and common._cell(123.456) == "123.5" and common._cell(2.5e-5) == "2.50e-05"
+    assert "e+" not in common.format_table([{"x": 1.638e4}], ["x"])
+
+
+def test_default_output_is_untracked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    json_path, _ = common.result_paths("memory", "tiny", common.pick_device("cpu"))
+    assert json_path.parent == common.DEFAULT_OUT_DIR and json_path.parts[0] == "runs"  # /runs/ is in .gitignore
+    gitignore = (Path(common.__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "/runs/" in gitignore
+
+
+def test_cpu_allocation_peak_counts_what_the_block_allocates():
+    import torch
+
+    keep = torch.zeros(1000)
+    with common.AllocationPeak("cpu") as peak:
+        a = torch.empty(1_000_000, dtype=torch.uint8)
+        b = torch.empty(2_000_000, dtype=torch.uint8)
+        del a
+        c = torch.empty(500_000, dtype=torch.uint8)
+        del keep
+    assert 3_000_000 <= peak.delta < 3_100_000, peak.delta  # a and b were alive together
+    del b, c
 
 
 def test_throughput_json_has_every_row(tmp_path):
@@ -83,6 +122,9 @@ def test_throughput_json_has_every_row(tmp_path):
     assert {r["model"] for r in data["prefill"]} == set(common.MODELS)
     assert {r["model"] for r in data["train"]} == {r["model"] for r in data["max_batch"]} == set(common.MODELS)
     assert all(r["tokens_per_s"] > 0 for r in data["decode"] + data["prefill"] + data["train"])
+    for row in data["decode"]:  # memory beside every rate, each labelled with its method
+        assert row["cache_capacity_nbytes"] >= row["cache_nbytes"] > 0 and row["alloc_peak_delta_bytes"] > 0
+        assert row["alloc_method"] and row["process_method"] and row["cache"] in ("dynamic", "preallocated")
     fit = {r["model"]: r for r in data["max_batch"]}
     assert fit["looplm"]["kv_bytes_per_sequence"] == 4 * fit["melt"]["kv_bytes_per_sequence"]
     assert fit["melt"]["max_batch_analytic"] > fit["looplm"]["max_batch_analytic"] > 0

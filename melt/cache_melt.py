@@ -290,6 +290,11 @@ class MeltCache(Cache):
         return all(layer.is_initialized for layer in self.layers)
 
     @property
+    def batch_size(self) -> int:
+        """Sequences the rows are allocated for (-1 before the first write)."""
+        return self.layers[0].batch_size
+
+    @property
     def is_preallocated(self) -> bool:
         return self.max_cache_len is not None
 
@@ -355,8 +360,8 @@ class MeltCache(Cache):
             )
         self.blend_alpha = blend
 
-    def reserve(self, columns: int, like: torch.Tensor) -> None:
-        """Make room for `columns` columns; `like` (`[B, kv_heads, *, head_dim]`) gives batch, dtype, device."""
+    def make_room(self, columns: int, like: torch.Tensor) -> None:
+        """Allocate (or grow to) room for `columns` columns, as this cache's policy says; `like` (`[B, kv_heads, *, head_dim]`) gives batch, dtype, device."""
         layers = self.layers
         if self.max_cache_len is not None:
             if columns > self.max_cache_len:

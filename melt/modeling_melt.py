@@ -381,7 +381,7 @@ class MeltModel(MeltPreTrainedModel):
         # Rows nobody reads are not stored: without use_cache, an internal cache matters only across rounds.
         store_rows = use_cache or not internal_cache or len(rounds) > 1
         if store_rows:
-            cache.reserve(past + length, like=self._row_like(inputs_embeds, batch))
+            cache.make_room(past + length, like=self._row_like(inputs_embeds, batch))
         per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache if store_rows else None, num_loops, blend,
                                      backend, keep_loops, return_attention_outputs) for rnd in rounds]
         if store_rows:
@@ -447,7 +447,7 @@ class MeltModel(MeltPreTrainedModel):
                 "max_cache_len"
             )
         if not cache.is_initialized:
-            cache.reserve(1, like=self._row_like(embeds, batch))
+            cache.make_room(1, like=self._row_like(embeds, batch))
         if not torch.compiler.is_compiling() and cache.get_seq_length() >= columns:  # eager: one host read
             raise ValueError(
                 f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
@@ -645,9 +645,9 @@ class MeltModel(MeltPreTrainedModel):
             raise ValueError(f"cache is a {cache.cache_mode} cache but the model runs {self.config.cache_mode}")
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.layers)}")
-        if cache.is_initialized and cache.layers[0].batch_size != batch:
+        if cache.is_initialized and cache.batch_size != batch:
             raise ValueError(
-                f"cache holds {cache.layers[0].batch_size} sequences but the input has {batch}; use a new cache "
+                f"cache holds {cache.batch_size} sequences but the input has {batch}; use a new cache "
                 "(or reorder/select the cache's sequences first)"
             )
 

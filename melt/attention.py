@@ -58,13 +58,18 @@ def override_backend(name: str):
         _override = previous
 
 
+def requested_backend(configured: str) -> str:
+    """The backend asked for, before the automatic choice: override > environment > config."""
+    return _override or os.environ.get("MELT_ATTENTION_BACKEND") or configured
+
+
 def resolve_backend(configured: str, device: torch.device) -> str:
     """The backend calls on `device` use: override > environment > config > automatic choice.
 
     "auto" becomes "triton" on CUDA when the kernels import, and stays "auto" elsewhere: `chunk_attention`
     then picks sdpa or eager per call.
     """
-    name = _override or os.environ.get("MELT_ATTENTION_BACKEND") or configured
+    name = requested_backend(configured)
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (MELT_ATTENTION_BACKEND or config); choose one of {BACKENDS}")
     if name == "auto":

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .attention import chunk_attention, gated_update, resolve_backend
+from .attention import chunk_attention, gated_update, requested_backend, resolve_backend
 from .cache_melt import MeltCache
 from .configuration_melt import MeltConfig, validate_exit_step, validate_num_loops
 
@@ -472,6 +472,10 @@ class MeltModel(MeltPreTrainedModel):
             position_ids = fill.view(1, 1).expand(batch, 1)
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
         backend = resolve_backend(config.attention_backend, device)
+        if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
+            # The Triton kernels launch outside a graph (torch.compiler.disable): a captured step attends in PyTorch
+            # over the whole buffer, masked past `fill`, which the compiler fuses. A forced "triton" is kept.
+            backend = "eager"
 
         hidden = embeds
         latents = [None] * len(self.layers)

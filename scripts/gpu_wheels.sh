@@ -6,18 +6,23 @@
 # The lent machine (/work/.library/device/KINDS.md): python3 3.12 with torch 2.11 + CUDA, triton 3.6,
 # transformers 5.17, huggingface_hub 1.33.0, tokenizers 0.23.2, safetensors 0.8.0, pyarrow, pandas, fsspec,
 # xxhash, matplotlib, pytest; no `datasets`; no network. Carried:
-#   transformers  the version this environment has (MELT needs a newer one than 5.17);
+#   transformers  the locked version (MELT needs >= 5.24; the machine has 5.17);
 #   regex         transformers checks its version at import (>= 2025.10.22) and the machine's is not recorded;
 #   datasets, dill, multiprocess   MELT's data pipeline (convert/data.py); the latter two are datasets' needs
 #                 that the machine lacks.
-# Versions default to this environment's (what the CPU tests passed with); override with e.g.
+# Versions default to the lock, constraints.txt (the set the CPU suite last passed on); override with e.g.
 # TRANSFORMERS_VERSION=5.24.0. torch and triton are never downloaded: the machine's CUDA builds must stay.
 # Afterwards every carried wheel's requirements are checked against the carried set and the machine's packages
 # (versions where KINDS.md records them); a requirement that nothing satisfies fails this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
-version_of() { "$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+version_of() {
+    local locked
+    locked="$(grep -iE "^$1==" constraints.txt | cut -d= -f3)"
+    [ -n "$locked" ] || { echo "scripts/gpu_wheels.sh: $1 is not in constraints.txt" >&2; exit 1; }
+    echo "$locked"
+}
 TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-$(version_of transformers)}
 DATASETS_VERSION=${DATASETS_VERSION:-$(version_of datasets)}
 DILL_VERSION=${DILL_VERSION:-$(version_of dill)}

@@ -7,7 +7,7 @@ On the `tiny` preset (CPU by default, fp32), four measurements, each labelled wi
    `capacity_nbytes()` (bytes of the cache's allocated buffers) over `nbytes()` (rows held), goal 1.00;
 2. bytes newly allocated during the FIRST decode step after the prompt, preallocated vs dynamic cache: counted at
    the dispatcher (every tensor an aten op creates, frees ignored), so a copy of the whole cache shows up;
-3. aten ops dispatched per decoded token, eager, against transformers' `LlamaForCausalLM` with N*T layers of the
+3. aten ops dispatched per decoded token (all, and without views: the ops that would launch a kernel), eager, against transformers' `LlamaForCausalLM` with N*T layers of the
    same widths (what a LoopLM costs if unrolled), both on a preallocated cache: the launch count a GPU would pay
    without CUDA graphs;
 4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`; inductor on CPU compiles
@@ -34,11 +34,13 @@ class DispatchTally(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.compute_ops = 0  # ops that are not views or dtype queries: what would launch a kernel on a GPU
         self.new_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
+        self.compute_ops += not (func.is_view or func.overloadpacket is torch.ops.aten.promote_types)
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
@@ -85,7 +87,8 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
         with DispatchTally() as tally:
             model(torch.randint(1, 100, (1, 1)), cache=cache)
         cfg = model.config
-        rows.append({"model": name, "layers": cfg.num_hidden_layers, "loops": cfg.num_loops, "aten_ops": tally.ops})
+        rows.append({"model": name, "layers": cfg.num_hidden_layers, "loops": cfg.num_loops, "aten_ops": tally.ops,
+                     "compute_ops": tally.compute_ops})
     kw = common.model_kwargs(preset, "melt")
     llama_cfg = LlamaConfig(
         vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"], intermediate_size=kw["intermediate_size"],
@@ -97,7 +100,8 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
     llama(torch.randint(1, 100, (1, context)), cache=cache)
     with DispatchTally() as tally:
         llama(torch.randint(1, 100, (1, 1)), cache=cache, position_ids=torch.tensor([[context]]))
-    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1, "aten_ops": tally.ops})
+    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1, "aten_ops": tally.ops,
+                 "compute_ops": tally.compute_ops})
     return rows
 
 

@@ -438,8 +438,10 @@ def check_production_configs(rec: Recorder, device: torch.device, dtype: torch.d
     from melt_kernels.chunk_attention import naive_chunk_attention
     from melt_kernels.chunk_attention import triton_impl as impl
 
-    tuned = {"fwd": impl._attn_fwd, "fwd_decode": impl._attn_fwd_decode, "bwd_dkdv": impl._attn_bwd_dkdv,
-             "bwd_dq": impl._attn_bwd_dq}
+    # Each kernel has one autotuner per precision class ({is fp32: autotuner}); the one `dtype` launches.
+    fp32 = dtype == torch.float32
+    tuned = {"fwd": impl._attn_fwd[fp32], "fwd_decode": impl._attn_fwd_decode[fp32],
+             "bwd_dkdv": impl._attn_bwd_dkdv[fp32], "bwd_dq": impl._attn_bwd_dq[fp32]}
     originals = {name: list(kernel.configs) for name, kernel in tuned.items()}
     tolerance = {torch.float32: (2e-5, 1e-5), torch.float16: (5e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}[dtype]
     data = rec.data["production_configs"]

@@ -139,9 +139,10 @@ def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
     by_cache = {row["cache"]: row for row in result["allocation_after_generate"]}
     assert by_cache["default"]["allocated_over_rows"] == by_cache["static"]["allocated_over_rows"] == 1.0
     first = {row["cache"]: row for row in result["first_decode_step"]}
-    # the dynamic cache copies itself when the first decode step outgrows it; the preallocated one never does
-    assert first["dynamic"]["allocated_in_step_bytes"] > first["dynamic"]["cache_rows_bytes"]
-    assert first["preallocated"]["allocated_in_step_bytes"] < first["preallocated"]["cache_rows_bytes"]
+    # The dynamic cache allocates new buffers (and copies itself) when the first decode step outgrows it; the
+    # preallocated one allocates only the step's activations, the same in both.
+    copy = first["dynamic"]["allocated_in_step_bytes"] - first["preallocated"]["allocated_in_step_bytes"]
+    assert copy >= first["dynamic"]["cache_rows_bytes"]
     assert all(row["aten_ops"] > 0 for row in result["ops_per_token"])
     assert list(tmp_path.glob("decode_tiny_*.json"))
 

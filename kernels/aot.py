@@ -158,9 +158,6 @@ def production_configs() -> dict[str, dict[str, list[dict]]]:
 
 def _specialise(jit, launch: utils.Launch, config: dict):
     """(signature, constexprs, attrs, options) for `triton.compile`, as Triton's runtime builds them."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     kwargs = {**launch.constexprs, **config}
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     runtime_args = iter(launch.args)
@@ -171,7 +168,7 @@ def _specialise(jit, launch: utils.Launch, config: dict):
             constexprs[(i,)] = kwargs[param.name]
             continue
         arg = next(runtime_args)
-        kind, spec = native_specialize_impl(BaseBackend, arg, False, True, True)
+        kind, spec = _specialise_arg(arg)
         signature[param.name] = kind
         if kind == "constexpr":  # an int equal to 1
             constexprs[(i,)] = arg
@@ -180,16 +177,47 @@ def _specialise(jit, launch: utils.Launch, config: dict):
     return signature, constexprs, attrs, options
 
 
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
+                  torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+def _specialise_arg(arg) -> tuple[str, str | None]:
+    """(type, "D" when divisible by 16) of one runtime argument, as Triton's launcher specialises it."""
+    try:  # Triton's own rule where it exposes it (3.4+)
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+
+        return native_specialize_impl(BaseBackend, arg, False, True, True)
+    except ImportError:
+        pass
+    if isinstance(arg, torch.Tensor):
+        return "*" + _TRITON_DTYPES[arg.dtype], "D" if arg.data_ptr() % 16 == 0 else None
+    if isinstance(arg, bool):
+        return "u1", None
+    if isinstance(arg, int):
+        if arg == 1:
+            return "constexpr", None
+        kind = "i32" if -(2**31) <= arg < 2**31 else "i64"
+        return kind, "D" if arg % 16 == 0 else None
+    if isinstance(arg, float):
+        return "fp32", None
+    raise TypeError(f"cannot specialise a kernel argument of type {type(arg).__name__}")
+
+
 def _ptxas_usage(ptx: str, arch: str) -> dict:
     """Registers and spill bytes from `ptxas -v` on the kernel's PTX."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia import compiler as nvidia
 
+    try:
+        ptxas = nvidia.get_ptxas(int(arch[3:5])).path
+    except TypeError:  # older Triton: get_ptxas() takes no architecture
+        ptxas = nvidia.get_ptxas().path
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         log = subprocess.run(
-            [get_ptxas(int(arch[3:5])).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+            [ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True, text=True, check=True,
         ).stderr
     regs = re.search(r"Used (\d+) registers", log)

@@ -1,15 +1,15 @@
 """Decode-path benchmark: does the cache allocate what it holds, and what does one decode step cost?
 
-    python -m benchmarks.decode [--prompt 1000] [--new-tokens 32] [--compile] [--out DIR]
+    python -m benchmarks.decode [--prompt 1000] [--new-tokens 32] [--compile] [--out-dir DIR]
 
 On the `tiny` preset (CPU by default, fp32), four measurements, each labelled with how it is obtained:
 1. allocation vs rows after `generate` with the default cache, `cache_implementation="static"` and "dynamic":
    `capacity_nbytes()` (bytes of the cache's allocated buffers) over `nbytes()` (rows held), goal 1.00;
 2. bytes newly allocated during the FIRST decode step after the prompt, preallocated vs dynamic cache: counted at
    the dispatcher (every tensor an aten op creates, frees ignored), so a copy of the whole cache shows up;
-3. aten ops dispatched per decoded token (all, and without views: the ops that would launch a kernel), eager, against transformers' `LlamaForCausalLM` with N*T layers of the
-   same widths (what a LoopLM costs if unrolled), both on a preallocated cache: the launch count a GPU would pay
-   without CUDA graphs;
+3. aten ops dispatched per decoded token (all, and without views: the ops that would launch a kernel), eager,
+   against transformers' `LlamaForCausalLM` with N*T layers of the same widths (a LoopLM unrolled), both on a
+   preallocated cache: the launch count a GPU would pay without CUDA graphs;
 4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`; inductor on CPU compiles
    for a minute or more), median of the steps after the first.
 Nothing here asserts a timing.
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt", type=int, default=1000, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (slow to build)")
-    parser.add_argument("--out", default=None, help="directory for the JSON (default: the benchmarks' output dir)")
+    parser.add_argument("--out-dir", default=None, help="directory for the JSON (default runs/benchmarks)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
                        ("ms per token (CPU)", "ms_per_token")):
         print(title)
         common.print_table(result[key], list(result[key][0]))
-    json_path, _ = common.result_paths("decode", args.preset, device, args.out)
+    json_path, _ = common.result_paths("decode", args.preset, device, args.out_dir)
     common.write_json(json_path, result)
     print(f"wrote {json_path}")
     return result

@@ -135,7 +135,7 @@ def test_compiled_decode_step_is_one_graph_equal_to_eager():
 def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
     from melt_benchmarks import decode
 
-    result = decode.main(["--prompt", "40", "--new-tokens", "3", "--out", str(tmp_path)])
+    result = decode.main(["--prompt", "40", "--new-tokens", "3", "--out-dir", str(tmp_path)])
     by_cache = {row["cache"]: row for row in result["allocation_after_generate"]}
     assert by_cache["default"]["allocated_over_rows"] == by_cache["static"]["allocated_over_rows"] == 1.0
     first = {row["cache"]: row for row in result["first_decode_step"]}

@@ -668,7 +668,7 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
         cache = out.cache
         # What ran, whatever was asked: transformers may ignore cache_implementation (with a warning), and compiles
         # the decode step only for a compileable cache on CUDA (it keeps the compiled call on the model).
-        preallocated = bool(getattr(cache, "is_compileable", False))
+        preallocated = bool(getattr(cache, "is_preallocated", getattr(cache, "is_compileable", False)))
         compiled = getattr(net, "_compiled_call", None) is not None
         row.update(cache_nbytes=cache.nbytes(), cache_capacity_nbytes=cache.capacity_nbytes(),
                    cache_class=type(cache).__name__, cache_preallocated=preallocated, compiled_forward=compiled,

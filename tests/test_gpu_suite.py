@@ -78,7 +78,8 @@ def test_dry_run_runs_every_part_and_records_what_it_measured(dry_run):
     decode = data["d"]
     assert {(r["model"], r["batch"]) for r in decode["rows"] if r["kind"] == "batch"} >= {
         ("melt", 1), ("looplm", 1), ("melt", 4), ("looplm", 4)}
-    assert all(r["tokens_per_s"] > 0 and r["path"] == "dynamic cache, eager" and r["path_requested"] == "eager"
+    # The model offers a preallocated cache, so "auto" asks for the static path; on CPU generate does not compile.
+    assert all(r["tokens_per_s"] > 0 and r["path"] == "static cache, eager" and r["path_requested"] == "static"
                and len(r["timed_step_s"]) == 2
                for r in decode["rows"] if not r.get("oom"))
     fits = {m["model"]: m["largest_fitting"] for m in decode["max_batch"]}

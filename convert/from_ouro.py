@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+from melt.configuration_melt import GATE_TYPES
 
 from . import train as training
 from .data import ASSETS_DIR, TINY_CORPUS, load_text_dataset, pack_sequences, split_holdout
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--beta", type=float, default=0.1, help="weight of the phase-2 attention-alignment MSE")
     rec.add_argument("--temperature", type=float, default=1.0,
                      help="KD temperature tau: KL(softmax(t/tau) || softmax(s/tau)) * tau^2, over every loop's logits")
-    rec.add_argument("--gate-type", default="elementwise", choices=("elementwise", "scalar", "mean", "ema", "last"),
+    rec.add_argument("--gate-type", default="elementwise", choices=GATE_TYPES,
                      help="the student's latent gate")
     rec.add_argument("--seed", type=int, default=0, help="seed of data packing, data order and RNGs")
     rec.add_argument("--holdout", type=int, help="packed rows held out for the final report (published 8, tiny 32)")

@@ -37,10 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from melt.modeling_melt import GATE_MARKER
 
 from . import distill
-
-GATE_MARKER = ".gate."
 
 
 class NonFiniteLoss(RuntimeError):

@@ -29,6 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .configuration_melt import ATTENTION_BACKENDS
+
 try:  # Installed with this package; absent when a checkpoint's flat modeling files run without it.
     from melt_kernels.chunk_attention import chunk_attention as triton_chunk_attention
     from melt_kernels.gated_update import gated_update as triton_gated_update
@@ -41,7 +43,7 @@ try:
 except ImportError:
     flash_attn_func = None
 
-BACKENDS = ("auto", "triton", "flash", "sdpa", "eager")
+BACKENDS = ATTENTION_BACKENDS  # the config validates against the same tuple
 _override: str | None = None
 
 

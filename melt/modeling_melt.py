@@ -111,6 +111,9 @@ class MeltAttention(nn.Module):
         return apply_rotary(k, cos, sin), v
 
 
+GATE_MARKER = ".gate."  # in the name of every gate parameter (`model.layers.{l}.gate.W`): new at conversion
+
+
 class MeltLatentGate(nn.Module):
     """The latent update `s <- z * s + (1 - z) * a` of one layer, for each `gate_type`.
 
@@ -204,7 +207,6 @@ class MeltPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MeltDecoderLayer"]
-    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .configuration_melt import MeltConfig
+from .modeling_melt import GATE_MARKER
 
 # Ouro config field -> MeltConfig field (fields with the same name are copied as they are).
 _RENAMED = {"total_ut_steps": "num_loops"}
@@ -223,7 +224,7 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    new = {name for name in expected if ".gate." in name}
+    new = {name for name in expected if GATE_MARKER in name}
 
     state, unexpected, misshaped, present = {}, [], [], set()
     for file in _weight_files(directory):

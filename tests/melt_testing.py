@@ -3,6 +3,7 @@
 import torch
 
 from melt import MeltConfig, MeltForCausalLM
+from melt.modeling_melt import GATE_MARKER
 
 TINY = dict(
     vocab_size=61,
@@ -32,7 +33,7 @@ def tiny_model(seed: int = 0, randomize_gate: bool = True, **overrides) -> MeltF
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)  # non-unit norm weights, so a forgotten norm is caught
-            elif ".gate." in name and randomize_gate:
+            elif GATE_MARKER in name and randomize_gate:
                 param.normal_(0.0, 0.3)
         model.model.early_exit_gate.bias.fill_(-1.0)
     return model
@@ -42,10 +43,10 @@ def twin(model: MeltForCausalLM, **overrides) -> MeltForCausalLM:
     """The same weights under another config (cache mode, gate type, chunk size ...)."""
     other = MeltForCausalLM(MeltConfig(**{**model.config.to_dict(), **overrides})).eval()
     missing, unexpected = other.load_state_dict(model.state_dict(), strict=False)
-    assert all(".gate." in name for name in missing + unexpected), (missing, unexpected)
-    if any(".gate." in name for name in missing):
+    assert all(GATE_MARKER in name for name in missing + unexpected), (missing, unexpected)
+    if any(GATE_MARKER in name for name in missing):
         with torch.no_grad():
             for name, param in other.named_parameters():
-                if ".gate." in name:
+                if GATE_MARKER in name:
                     param.normal_(0.0, 0.3)
     return other

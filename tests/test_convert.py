@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from melt import MeltConfig, MeltForCausalLM
+from melt.modeling_melt import GATE_MARKER
 from melt_convert import distill, from_ouro, train
 from melt_convert.data import TINY_CORPUS, TINY_TOKENIZER
 from melt_convert.train_tiny_ouro import write_ouro_checkpoint
@@ -63,7 +64,7 @@ def test_alpha_zero_student_equals_teacher_exactly(ouro_dir):
     student = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="shared", chunk_size=4)
     with torch.no_grad():  # a gate far from its init, so that alpha = 0 is what hides it
         for name, param in student.named_parameters():
-            if ".gate." in name:
+            if GATE_MARKER in name:
                 param.normal_(0.0, 0.5)
     ids = torch.randint(0, 512, (2, 14))
     t = teacher(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
@@ -183,11 +184,12 @@ def test_report_and_output_load_both_ways_and_generate(converted):
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("a=3;b=a+4;?b=", return_tensors="pt").input_ids
     native = MeltForCausalLM.from_pretrained(out).eval()
-    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    # In this process `melt` is registered with the Auto classes, which take precedence over auto_map; the
-    # fresh-process remote-code load of a save_pretrained directory is covered by test_checkpoints.py.
+    # The Auto classes dispatch the output to MELT (registered in this process, so this is not remote code: the
+    # fresh-process remote-code load of a saved directory is test_checkpoints.py's).
+    auto = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(auto) is MeltForCausalLM
     a = native.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    b = remote.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    b = auto.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert a.shape == (1, ids.shape[1] + 4) and torch.equal(a, b)
 
 

@@ -48,7 +48,7 @@ class MeltConfig(PreTrainedConfig):
         gate_type: str = "elementwise",  # latent update: elementwise | scalar | mean | ema | last
         ema_decay: float = 0.2,  # fixed gate z of gate_type="ema": s = z * s + (1 - z) * a
         chunk_size: int = 500,  # tokens per chunk in shared-mode prefill and training
-        early_exit_threshold: float | None = None,  # cumulative exit probability that selects a loop
+        early_exit_threshold: float | None = None,  # cumulative exit probability at which a token stops looping
         exit_at_step: int | None = None,  # fixed loop (0-based) whose logits are returned
         gate_bias_init: float = -3.0,  # initial gate bias: z = sigmoid(-3) ~ 0.05, s starts close to `a`
         attention_backend: str = "auto",  # auto | triton | flash | sdpa | eager

@@ -4,7 +4,11 @@ The architecture, in the choices that matter:
 - Loops. A stack of N layers runs T = `num_loops` times per token with the same weights (Ouro / LoopLM).
   Each layer uses sandwich norms; the final norm runs after EVERY loop and its output feeds the next loop;
   RoPE cos/sin are computed once per forward and shared by all loops. After each loop an exit gate gives a
-  hazard, hence an exit distribution over loops, used to pick which loop's logits a token returns.
+  hazard, hence an exit distribution over loops. `exit_at_step` picks which loop's logits a token returns;
+  `early_exit_threshold` < 1 stops a token's loops at the first loop whose cumulative exit probability reaches
+  it (adaptive depth): the token then holds its hidden state and latent, so its logits and its ONE row are those
+  of its own exit loop, and a chunk skips the loops left once all its tokens have exited. Per-loop (Ouro)
+  caches get the exit loop's row copied into the later loops' slots.
 - Two cache modes. `per_loop` is Ouro exactly: loop t of layer l attends to loop-t rows, so the cache holds
   N*T rows per token. `shared` is MELT: each layer carries a latent state `s` per token, updated by a gate
   from the layer input `a` (`s = a` on the first loop, then `s = z*s + (1-z)*a`), keys/values come from `s`
@@ -175,21 +179,29 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
         kv_blend_alpha: float | None,
         backend: str,
         prefix_lengths: torch.Tensor | None = None,  # [B]: prefix rows that exist (a preallocated buffer's fill)
+        active: torch.Tensor | None = None,  # [B, C] bool: tokens still looping (early exit); None = all
+        held_rows: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_loop: this layer's rows of the last loop
     ):
         """One layer at one loop, as a pure function of its inputs (so it can be checkpointed).
 
         Returns `(hidden, latent, shared_rows, loop_rows, attn_out)`: `shared_rows` = (k, v) from the latent
         (shared mode), `loop_rows` = (k, v) from `a` (per_loop mode, or the blend), `attn_out` `[B, C, H*D]`
-        the attention output before o_proj.
+        the attention output before o_proj. A token that is not `active` has exited: its hidden state and latent
+        pass through unchanged, so its shared row stays the one of its exit loop, and its per-loop rows are
+        `held_rows` (its exit loop's, as Ouro copies them).
         """
         a = self.input_layernorm(hidden)
         q = self.self_attn.query(a, cos, sin)
         shared_rows = loop_rows = None
         if self.gate is None:
             loop_rows = self.self_attn.key_value(a, cos, sin)
+            if active is not None and held_rows is not None:
+                keep = active[:, None, :, None]  # [B, 1, C, 1]
+                loop_rows = tuple(torch.where(keep, new, old) for new, old in zip(loop_rows, held_rows))
             k, v = loop_rows
         else:
-            latent = self.gate(a, latent, loop, backend)
+            updated = self.gate(a, latent, loop, backend)
+            latent = updated if active is None or latent is None else torch.where(active[..., None], updated, latent)
             shared_rows = self.self_attn.key_value(latent, cos, sin)
             k, v = shared_rows
             if kv_blend_alpha is not None:
@@ -197,9 +209,11 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
                 k, v = torch.lerp(loop_rows[0], k, kv_blend_alpha), torch.lerp(loop_rows[1], v, kv_blend_alpha)
         attn = chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, backend, prefix_lengths=prefix_lengths)
         attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
-        hidden = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
-        hidden = hidden + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(hidden)))
-        return hidden, latent, shared_rows, loop_rows, attn
+        out = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
+        out = out + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(out)))
+        if active is not None:
+            out = torch.where(active[..., None], out, hidden)
+        return out, latent, shared_rows, loop_rows, attn
 
 
 class MeltPreTrainedModel(PreTrainedModel):
@@ -234,7 +248,9 @@ class MeltModelOutput(ModelOutput):
 
     last_hidden_state: `[B, L, hidden]` final-normed hidden state of the loop selected per token.
     cache: the `MeltCache` (when `use_cache`).
-    exit_probs: `[B, L, T]` probability of exiting at each loop.
+    exit_probs: `[B, L, T]` probability of exiting at each loop (under early exit, loops after a token's exit
+        repeat its exit loop's gate).
+    loops_run: `[B, L]` loops each token ran (T unless `early_exit_threshold` < 1 stopped it earlier).
     loop_hidden_states: T tensors `[B, L, hidden]`, one per loop (with `return_loop_outputs`).
     attention_outputs: T tuples of N tensors `[B, L, H*D]`, attention output of (loop, layer) before o_proj
         (with `return_attention_outputs`).
@@ -243,6 +259,7 @@ class MeltModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     cache: MeltCache | None = None
     exit_probs: torch.Tensor | None = None
+    loops_run: torch.Tensor | None = None
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
 
@@ -254,6 +271,7 @@ class MeltCausalLMOutput(CausalLMOutputWithPast):
     with `return_loop_outputs`)."""
 
     exit_probs: torch.Tensor | None = None
+    loops_run: torch.Tensor | None = None
     loop_logits: tuple[torch.Tensor, ...] | None = None
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
@@ -355,11 +373,18 @@ class MeltModel(MeltPreTrainedModel):
             cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
         self._check_cache(cache, inputs_embeds.shape[0])
         cache.begin_call(num_loops, blend)
+        # Early exit (MELT_SPEC section 8): a token stops looping once its cumulative exit probability reaches the
+        # threshold; it then holds its exit loop's state, so the last loop's output is its exit loop's.
+        stop_at = threshold if exit_at_step is None and threshold is not None and threshold < 1.0 else None
+        if stop_at is not None:
+            if blend is not None:
+                raise ValueError("early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha")
+            threshold = None
         keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
         if cache.is_preallocated and length == 1 and blend is None:
             return self._static_decode_step(
                 inputs_embeds, attention_mask, position_ids, cache, num_loops, exit_at_step, threshold, keep_loops,
-                return_loop_outputs, return_attention_outputs, use_cache,
+                return_loop_outputs, return_attention_outputs, use_cache, stop_at,
             )
         past = cache.get_seq_length()
 
@@ -385,7 +410,7 @@ class MeltModel(MeltPreTrainedModel):
         if store_rows:
             cache.make_room(past + length, like=self._row_like(inputs_embeds, batch))
         per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache if store_rows else None, num_loops, blend,
-                                     backend, keep_loops, return_attention_outputs) for rnd in rounds]
+                                     backend, keep_loops, return_attention_outputs, stop_at) for rnd in rounds]
         if store_rows:
             cache.end_call(past + length)
 
@@ -393,6 +418,7 @@ class MeltModel(MeltPreTrainedModel):
             return _assemble(pieces, rounds, length)
 
         exit_logits = assemble([r["exit"] for r in per_round]).squeeze(-1)  # [B, L, T]
+        loops_run = assemble([r["loops_run"] for r in per_round])  # [B, L]
         loop_hidden = {t: assemble([r["hidden"][t] for r in per_round]) for t in keep_loops}
         attention_outputs = None
         if return_attention_outputs:
@@ -401,10 +427,10 @@ class MeltModel(MeltPreTrainedModel):
                 for t in range(num_loops)
             )
         return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            return_loop_outputs, cache if use_cache else None)
+                            return_loop_outputs, cache if use_cache else None, loops_run)
 
     def _output(self, exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                return_loop_outputs, cache):
+                return_loop_outputs, cache, loops_run):
         """Pick each token's returned hidden state from its loops (fixed step, exit threshold, or the last loop)."""
         exit_probs = exit_distribution(exit_logits)
         if exit_at_step is not None:
@@ -419,6 +445,7 @@ class MeltModel(MeltPreTrainedModel):
             last_hidden_state=selected,
             cache=cache,
             exit_probs=exit_probs,
+            loops_run=loops_run,
             loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
             attention_outputs=attention_outputs,
         )
@@ -426,7 +453,7 @@ class MeltModel(MeltPreTrainedModel):
     # -- one token per sequence on a preallocated cache: the capturable decode step ------------------------------
 
     def _static_decode_step(self, embeds, attention_mask, position_ids, cache: MeltCache, num_loops, exit_at_step,
-                            threshold, keep_loops, return_loop_outputs, collect, use_cache):
+                            threshold, keep_loops, return_loop_outputs, collect, use_cache, stop_at=None):
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
@@ -482,20 +509,28 @@ class MeltModel(MeltPreTrainedModel):
         hidden = embeds
         latents = [None] * len(self.layers)
         final_rows = [None] * len(self.layers)
+        held = [None] * len(self.layers)
         exits, loop_hidden = [], {}
         attention_outputs = [[None] * len(self.layers) for _ in range(num_loops)]
+        # Early exit, capturable: every loop runs and exited tokens are masked (no loop is skipped here).
+        stop = None if stop_at is None else _EarlyExit(stop_at, hidden.shape[:2], device)
         for loop in range(num_loops):
+            active = None if stop is None or loop == 0 else stop.active
             for idx, layer in enumerate(self.layers):
                 k_prefix, v_prefix = cache.static_prefix_rows(idx, loop)
                 hidden, latents[idx], shared_rows, loop_rows, attn = layer(
-                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend, prefix_lengths
+                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend, prefix_lengths,
+                    active, held[idx],
                 )
                 if loop_rows is not None:
                     cache.static_write_loop_rows(idx, loop, loop_rows)
+                    held[idx] = loop_rows
                 final_rows[idx] = shared_rows
                 attention_outputs[loop][idx] = attn
-            hidden = self.norm(hidden)  # after every loop, feeding the next one
+            hidden = self._loop_end(hidden, active)
             exits.append(self.early_exit_gate(hidden))
+            if stop is not None:
+                stop.after_loop(exits[-1], loop == num_loops - 1)
             if loop in keep_loops:
                 loop_hidden[loop] = hidden
         for idx, rows in enumerate(final_rows):
@@ -504,40 +539,66 @@ class MeltModel(MeltPreTrainedModel):
         cache.static_advance(1)
         exit_logits = torch.stack(exits, dim=2).squeeze(-1)  # [B, 1, T]
         attention_outputs = tuple(tuple(per_loop) for per_loop in attention_outputs) if collect else None
+        loops_run = _all_loops(hidden, num_loops) if stop is None else stop.loops_run
         return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            return_loop_outputs, cache if use_cache else None)
+                            return_loop_outputs, cache if use_cache else None, loops_run)
 
     # -- one round: all loops of one chunk -------------------------------------------------------------------
 
     def _run_round(self, embeds, cos, sin, rnd: _Round, cache: MeltCache, num_loops, blend, backend, keep_loops,
-                   collect):
+                   collect, stop_at=None):
         hidden = rnd.take(embeds)
         cos, sin = rnd.take(cos), rnd.take(sin)
         latents = [None] * len(self.layers)
         final_rows = [None] * len(self.layers)
+        held = [None] * len(self.layers)  # per-loop rows of the last loop run, per layer
         blend_rows = [[None] * len(self.layers) for _ in range(num_loops)]
         out = {"exit": [], "hidden": {}, "attn": [[None] * len(self.layers) for _ in range(num_loops)]}
+        stop = None if stop_at is None else _EarlyExit(stop_at, hidden.shape[:2], hidden.device)
         for loop in range(num_loops):
+            if stop is not None and loop > 0 and not bool(stop.active.any()):  # one host read per loop
+                # Every token of the round has exited: the remaining loops are skipped, which is the compute saved.
+                # Per-loop caches get the exit loop's rows in the skipped loops' slots (Ouro copies them).
+                for later in range(loop, num_loops):
+                    for idx in range(len(self.layers)):
+                        if cache is not None and held[idx] is not None:
+                            cache.commit_loop_rows(idx, later, held[idx], rnd.write_at)
+                    out["exit"].append(out["exit"][-1])
+                    if later in keep_loops:
+                        out["hidden"][later] = hidden
+                break
+            active = None if stop is None or loop == 0 else stop.active
             for idx, layer in enumerate(self.layers):
                 k_prefix, v_prefix = (None, None) if cache is None else cache.prefix_rows(idx, loop, rnd.prefix_len)
                 hidden, latents[idx], shared_rows, loop_rows, attn = layer(
-                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend
+                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend,
+                    None, active, held[idx],
                 )
                 if cache is not None and loop_rows is not None and blend is None:
                     cache.commit_loop_rows(idx, loop, loop_rows, rnd.write_at)  # per-loop rows: final at once
                 elif loop_rows is not None:  # blended with the shared row, which is final only after the round
                     blend_rows[loop][idx] = loop_rows
+                if loop_rows is not None:
+                    held[idx] = loop_rows
                 final_rows[idx] = shared_rows
                 if collect:
                     out["attn"][loop][idx] = attn
-            hidden = self.norm(hidden)  # after every loop, feeding the next one
+            hidden = self._loop_end(hidden, active)
             out["exit"].append(self.early_exit_gate(hidden))
+            if stop is not None:
+                stop.after_loop(out["exit"][-1], loop == num_loops - 1)
             if loop in keep_loops:
                 out["hidden"][loop] = hidden
+        out["loops_run"] = _all_loops(hidden, num_loops) if stop is None else stop.loops_run
         if cache is not None:  # the chunk's rows are final only now
             cache.commit_round(final_rows, blend_rows, rnd.write_at)
         out["exit"] = torch.stack(out["exit"], dim=2)  # [B, W, T, 1]
         return out
+
+    def _loop_end(self, hidden: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """The final norm after every loop (its output feeds the next loop); exited tokens keep their state."""
+        normed = self.norm(hidden)
+        return normed if active is None else torch.where(active[..., None], normed, hidden)
 
     # -- planning ---------------------------------------------------------------------------------------------
 
@@ -677,6 +738,32 @@ def _refuse_unknown_kwargs(kwargs: dict, where: str) -> None:
         raise TypeError(f"{where} got unexpected keyword argument(s) {sorted(kwargs)}")
 
 
+class _EarlyExit:
+    """Which tokens of a round still loop: a token stops after the first loop whose cumulative exit probability
+    (`exit_distribution`, accumulated loop by loop) reaches the threshold; the last loop takes what remains."""
+
+    def __init__(self, threshold: float, shape, device):
+        self.threshold = float(threshold)
+        self.active = torch.ones(shape, dtype=torch.bool, device=device)  # [B, W]
+        self.survive = torch.ones(shape, dtype=torch.float32, device=device)
+        self.cumulative = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.loops_run = torch.zeros(shape, dtype=torch.long, device=device)
+
+    def after_loop(self, exit_logit: torch.Tensor, last: bool) -> None:
+        """`exit_logit` `[B, W, 1]`: the loop just run (its values for exited tokens are ignored)."""
+        hazard = torch.sigmoid(exit_logit.squeeze(-1).float())
+        exit_here = self.survive if last else hazard * self.survive
+        active = self.active
+        self.loops_run = self.loops_run + active.long()
+        self.cumulative = torch.where(active, self.cumulative + exit_here, self.cumulative)
+        self.survive = torch.where(active, self.survive * (1 - hazard), self.survive)
+        self.active = active & (self.cumulative < self.threshold)
+
+
+def _all_loops(hidden: torch.Tensor, num_loops: int) -> torch.Tensor:
+    return torch.full(hidden.shape[:2], num_loops, dtype=torch.long, device=hidden.device)
+
+
 def _mask_upto(key_mask: torch.Tensor | None, columns: int) -> torch.Tensor | None:
     return None if key_mask is None else key_mask[:, :columns]
 
@@ -746,7 +833,9 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         return_loop_outputs: also return every loop's logits (`loop_logits`) and hidden states, for distillation.
         return_attention_outputs: also return every (loop, layer) attention output (`attention_outputs`), for the
             phase-2 alignment loss. Each costs nothing when False (and only what is asked for is kept).
-        exit_at_step / early_exit_threshold: override the config's logit selection for this call.
+        exit_at_step: return this loop's logits (every loop still runs).
+        early_exit_threshold: stop each token's loops once its cumulative exit probability reaches it (0 = one
+            loop, 1 = every loop); `loops_run` in the output says how many each token ran.
         `labels` give the usual shifted cross-entropy on the returned (selected) logits; the loss keywords of
         transformers' `ForCausalLMLoss` (`num_items_in_batch`, `ignore_index`, `shift_labels`) pass through.
         `past_key_values=` is the pre-5.24 name of `cache=` (deprecated, as in transformers). Any other keyword
@@ -781,6 +870,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             exit_probs=outputs.exit_probs,
+            loops_run=outputs.loops_run,
             loop_logits=loop_logits,
             loop_hidden_states=outputs.loop_hidden_states,
             attention_outputs=outputs.attention_outputs,

@@ -30,13 +30,16 @@ def _latent(gate_type: str, loop: int, a, s, p: str, state: dict, ema_decay: flo
 
 
 def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chunks: list[int],
-                 blend_alpha: float | None = None) -> torch.Tensor:
+                 blend_alpha: float | None = None, exit_threshold: float | None = None, loops_run: list | None = None):
     """ids `[L]`, split into consecutive chunks of the given lengths -> logits `[L, V]` of each token's last loop.
 
     Queries of loop t in chunk c attend to the FINAL rows of earlier chunks (under the blend: loop t's blended
     rows `alpha * final + (1 - alpha) * loop_t`) and to the chunk's own rows of loop t, causally.
+    `exit_threshold` (one-token chunks only): a token stops after the first loop whose cumulative exit
+    probability reaches it; its logits and its row are those of that loop. Loops run are appended to `loops_run`.
     """
     assert sum(chunks) == ids.shape[0]
+    assert exit_threshold is None or set(chunks) == {1}
     n_layers, heads, kv_heads, dim = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps, gate_type = cfg["rms_norm_eps"], cfg["gate_type"]
     final_k = [[] for _ in range(n_layers)]  # per layer: one row [kv_heads, D] per token, in order
@@ -51,6 +54,7 @@ def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chun
         h = state["model.embed_tokens.weight"][ids[start : start + size]]
         latents = [None] * n_layers
         a_rows = [[None] * n_layers for _ in range(num_loops)]
+        survive, cumulative, ran = 1.0, 0.0, 0
         for loop in range(num_loops):
             for layer in range(n_layers):
                 p = f"model.layers.{layer}."
@@ -83,6 +87,15 @@ def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chun
                 h = h + _rms((torch.nn.functional.silu(gate) * up) @ state[p + "mlp.down_proj.weight"].T,
                              state[p + "post_attention_layernorm_2.weight"], eps)
             h = _rms(h, state["model.norm.weight"], eps)
+            ran += 1
+            if exit_threshold is not None:
+                hazard = torch.sigmoid(h @ state["model.early_exit_gate.weight"].T + state["model.early_exit_gate.bias"]).item()
+                cumulative += survive if loop == num_loops - 1 else hazard * survive
+                survive *= 1 - hazard
+                if cumulative >= exit_threshold:
+                    break
+        if loops_run is not None:
+            loops_run.append(ran)
         logits.append(h @ state["lm_head.weight"].T)
         for layer in range(n_layers):  # the chunk's rows are final: from the latent after the last loop
             p = f"model.layers.{layer}."

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from melt import MeltCache, MeltConfig, MeltForCausalLM, override_backend
-from melt.modeling_melt import MeltLatentGate
-from melt.modeling_melt import GATE_MARKER
+from melt.modeling_melt import GATE_MARKER, MeltLatentGate, select_exit_loop
 from melt_testing import tiny_config, tiny_model, twin
 from ouro_reference import exit_probs, ouro_forward, select_logits
 
@@ -44,8 +43,15 @@ def test_exit_threshold_and_fixed_step_select_like_ouro(threshold):
         model.model.early_exit_gate.bias.sub_(ref_exit.median())
     ref_logits, ref_exit = ouro_forward(model.state_dict(), model.config.to_dict(), ids[0], 4)
     probs = exit_probs(ref_exit)
-    chosen = model(ids, early_exit_threshold=threshold).logits[0]
+    # Ouro's forward runs every loop and picks each token's exit loop: the same selection, from every loop's
+    # logits and the exit distribution (`early_exit_threshold` itself stops the loops: tests/test_early_exit.py).
+    out = model(ids, return_loop_outputs=True)
+    loop = select_exit_loop(out.exit_probs[0], threshold)  # [L]
+    chosen = torch.stack(out.loop_logits)[loop, 0, torch.arange(ids.shape[1])]
     assert max_diff(chosen, select_logits(ref_logits, probs, threshold=threshold)) < ATOL
+    # Stopping at the threshold changes nothing for the first token (no earlier row to differ).
+    stopped = model(ids, early_exit_threshold=threshold).logits[0]
+    assert max_diff(stopped[0], chosen[0]) < ATOL
     fixed = model(ids, exit_at_step=1).logits[0]
     assert max_diff(fixed, ref_logits[1]) < ATOL
     # the set-up is not vacuous: the threshold picks different loops for different tokens

@@ -29,15 +29,15 @@ from . import common
 THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0)
 
 
-def held_out_rows(tokenizer) -> torch.Tensor:
-    """The main job's held-out sequences: its corpus, packing and split, with its default options."""
+def main_job_rows(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main job's training and held-out sequences: its corpus, packing and split, with its default options."""
     from melt_convert import from_ouro
     from melt_convert.data import load_text_dataset, pack_sequences, split_holdout
 
     options = from_ouro.resolve_options([])
     documents = load_text_dataset(str(options.data[0]), tokenizer, split=options.split, text_field=options.text_field)
     rows = pack_sequences(documents, tokenizer, options.seq_len, options.seed)
-    return split_holdout(rows, options.holdout)[1]
+    return split_holdout(rows, options.holdout)
 
 
 def default_model(root: Path) -> Path:
@@ -86,28 +86,29 @@ def decode_speed(model, prompt: torch.Tensor, steps: int, thresholds) -> list[di
 
 
 def summarize(results: list[dict], loops: int) -> str:
-    """What the sweep shows, in numbers: loops saved within 1% of the all-loops loss, and how early exit compares
-    with simply running fewer loops at about the same average (by KL to the all-loops teacher)."""
+    """What the sweep shows, in numbers: loops saved within 1% of the all-loops loss, and, by KL to the all-loops
+    teacher, early exit against running fewer loops for every token at the same average (interpolated)."""
     melt = [r for r in results if r["model"] == "melt"]
-    exits = [r for r in melt if r["how"] == "early exit" and r["avg_loops"] < loops]
-    fewer = {r["num_loops"]: r for r in melt if r["how"] == "fewer loops"}
-    within = [r for r in exits if abs(r["loss_vs_all_loops"]) <= 0.01]
+    fewer = {r["num_loops"]: r["kl_to_teacher"] for r in melt if r["how"] == "fewer loops"}
     lines = []
-    if within:
-        best = min(within, key=lambda r: r["avg_loops"])
-        lines.append(f"MELT early exit at threshold {best['threshold']}: {best['avg_loops']:.2f} loops per token on "
-                     f"average, loss {100 * best['loss_vs_all_loops']:+.2f}% of all {loops} loops")
-    else:
-        lines.append("MELT early exit: no threshold tried ran fewer loops within 1% of the all-loops loss")
-    one = fewer[1]["loss_vs_all_loops"]
+    one = next(r for r in melt if r["how"] == "fewer loops" and r["num_loops"] == 1)["loss_vs_all_loops"]
     if abs(one) <= 0.01:
-        lines.append(f"but one loop for every token is already {100 * one:+.2f}% of all {loops}: at this scale the "
-                     "loss hardly depends on depth, and the KL to the all-loops teacher is the sharper measure")
-    for r in sorted(exits, key=lambda r: r["avg_loops"]):
-        n = min(fewer, key=lambda k: abs(k - r["avg_loops"]))
-        if n < loops and 1e-3 < abs(n - r["avg_loops"]) <= 0.25:
-            lines.append(f"at ~{n} loops: early exit (threshold {r['threshold']}, {r['avg_loops']:.2f} loops) KL "
-                         f"{r['kl_to_teacher']:.4f} vs {n} loops for every token KL {fewer[n]['kl_to_teacher']:.4f}")
+        lines.append(f"one loop for every token is already {100 * one:+.2f}% of the loss of all {loops}: at this "
+                     "scale the loss hardly depends on depth, so the KL to the all-loops teacher is the measure")
+    for how in sorted({r["how"] for r in melt if r["how"].startswith("early exit")}):
+        rows = [r for r in melt if r["how"] == how and 1.0 < r["avg_loops"] < loops]
+        if not rows:
+            continue
+        compared = []
+        for r in sorted(rows, key=lambda r: r["avg_loops"]):
+            low = int(r["avg_loops"])
+            uniform = fewer[low] + (r["avg_loops"] - low) * (fewer[low + 1] - fewer[low])
+            compared.append(f"threshold {r['threshold']}: {r['avg_loops']:.2f} loops, KL {r['kl_to_teacher']:.4f} vs "
+                            f"{uniform:.4f}")
+        better = sum(1 for r in rows if r["kl_to_teacher"] < fewer[int(r["avg_loops"])]
+                     + (r["avg_loops"] - int(r["avg_loops"])) * (fewer[int(r["avg_loops"]) + 1] - fewer[int(r["avg_loops"])]))
+        lines.append(f"MELT {how}, against fewer loops for every token at the same average: lower KL at {better} of "
+                     f"{len(rows)} thresholds ({'; '.join(compared)})")
     return "; ".join(lines)
 
 
@@ -117,19 +118,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--rows", type=int, default=None, help="held-out sequences to use (default: all)")
     parser.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per threshold and path")
+    parser.add_argument("--train-exit-gate", type=int, default=300, metavar="STEPS",
+                        help="then fit each model's exit gate (convert.exit_gate) for STEPS steps and sweep again; 0: no")
     parser.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default runs/benchmarks)")
     args = parser.parse_args(argv)
     from transformers import PreTrainedTokenizerFast
 
     from melt import MeltForCausalLM
     from melt_convert.data import ASSETS_DIR
+    from melt_convert.exit_gate import train_exit_gate
 
     torch.manual_seed(0)
     out_dir = Path(args.out_dir) if args.out_dir else common.DEFAULT_OUT_DIR
     model_dir = args.model or default_model(out_dir / "adaptive")
     melt = MeltForCausalLM.from_pretrained(model_dir).eval()
     teacher = MeltForCausalLM.from_ouro(str(ASSETS_DIR / "tiny-ouro"), cache_mode="per_loop").eval()
-    rows = held_out_rows(PreTrainedTokenizerFast.from_pretrained(model_dir))
+    train_rows, rows = main_job_rows(PreTrainedTokenizerFast.from_pretrained(model_dir))
     rows = rows[: args.rows] if args.rows else rows
     loops = teacher.config.num_loops
     with torch.no_grad():
@@ -143,6 +147,17 @@ def main(argv=None) -> dict:
         for n in range(1, loops + 1):
             results.append({"model": name, "how": "fewer loops", "num_loops": n,
                             **evaluate(model, rows, reference, num_loops=n)})
+    gate_training = {}
+    if args.train_exit_gate:
+        # The shipped gate is at its random initialisation: fit it as Ouro's second stage does, on the training
+        # split (each model on its own per-loop losses), then sweep again.
+        for name, model in (("melt", melt), ("looplm", teacher)):
+            history = train_exit_gate(model, train_rows, args.train_exit_gate, seed=0)
+            gate_training[name] = {"steps": args.train_exit_gate, "first_loss": round(history[0], 5),
+                                   "last_loss": round(history[-1], 5)}
+            for threshold in args.thresholds:
+                results.append({"model": name, "how": "early exit, trained gate", "threshold": threshold,
+                                **evaluate(model, rows, reference, early_exit_threshold=threshold)})
     full = {r["model"]: r["loss"] for r in results if r["how"] == "fewer loops" and r["num_loops"] == loops}
     for r in results:
         r["loss_vs_all_loops"] = round(r["loss"] / full[r["model"]] - 1.0, 5)
@@ -150,7 +165,8 @@ def main(argv=None) -> dict:
     decode = decode_speed(melt, rows[:1, :64], args.decode_steps, (1.0, 0.8, 0.6))
     device = torch.device("cpu")
     payload = {"machine": common.machine_info(device), "model_dir": str(model_dir), "rows": list(rows.shape),
-               "num_loops": loops, "results": results, "finding": finding, "decode": decode}
+               "num_loops": loops, "results": results, "finding": finding, "decode": decode,
+               "gate_training": gate_training}
     columns = ["model", "how", "threshold", "num_loops", "avg_loops", "loss", "loss_vs_all_loops", "kl_to_teacher",
                "tokens_per_s"]
     common.print_table(results, columns)
@@ -162,9 +178,11 @@ def main(argv=None) -> dict:
     figure, axes = common.new_figure(2)
     left, right = axes[0]
     for name, color in (("melt", common.MODEL_COLORS["melt"]), ("looplm", common.MODEL_COLORS["looplm"])):
-        for how, marker in (("early exit", "o-"), ("fewer loops", "s--")):
+        for how, marker in (("early exit", "o-"), ("fewer loops", "s--"), ("early exit, trained gate", "^:")):
             points = sorted((r["avg_loops"], r["loss"], r["kl_to_teacher"]) for r in results
                             if r["model"] == name and r["how"] == how)
+            if not points:
+                continue
             label = f"{common.MODEL_LABELS[name]}, {how}"
             left.plot([p[0] for p in points], [p[1] for p in points], marker, color=color, label=label)
             right.plot([p[0] for p in points], [p[2] for p in points], marker, color=color, label=label)

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the student's latent gate")
     rec.add_argument("--seed", type=int, default=0, help="seed of data packing, data order and RNGs")
     rec.add_argument("--holdout", type=int, help="packed rows held out for the final report (published 8, tiny 32)")
+    rec.add_argument("--exit-gate-steps", type=int, default=0, metavar="N",
+                     help="after both phases, fit the exit gate for N steps on the training rows as Ouro's second "
+                          "stage does (convert/exit_gate.py), so that early_exit_threshold spends loops where they "
+                          "help; single process only. 0 (default, the published recipe): the gate stays the teacher's")
 
     run = p.add_argument_group("execution")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
@@ -185,7 +189,7 @@ def _check_options(a) -> None:
     for name in ("seq_len", "chunk_size", "batch_size", "micro_batch_size", "holdout", "eval_batch_size"):
         if getattr(a, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    for name in ("phase1_steps", "phase2_steps", "warmup_steps", "checkpoint_every"):
+    for name in ("phase1_steps", "phase2_steps", "warmup_steps", "checkpoint_every", "exit_gate_steps"):
         if getattr(a, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
     if a.phase1_steps + a.phase2_steps == 0:
@@ -441,6 +445,9 @@ def run(argv=None) -> dict | None:
     runtime = training.init_runtime(a.device)
     try:
         torch.manual_seed(a.seed)
+        if a.exit_gate_steps and runtime.world > 1:
+            raise ValueError(f"--exit-gate-steps runs in a single process; this run has {runtime.world}: convert "
+                             "without it, then fit the gate of the output in one process")
         _check_paths(a, runtime)
         ouro_dir = resolve_checkpoint_dir(a.ouro, what="--ouro checkpoint")
         if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
@@ -482,6 +489,12 @@ def run(argv=None) -> dict | None:
                 print(f"stopped after step {done} of {total} (--stop-after); checkpoint in {a.work_dir}; "
                       "continue with --resume", flush=True)
             return None
+        if a.exit_gate_steps:  # deterministic (seeded), so a --resume after an interrupted evaluation redoes it alike
+            from .exit_gate import train_exit_gate
+
+            history = train_exit_gate(student, train_rows, a.exit_gate_steps, seed=a.seed, autocast=autocast)
+            if runtime.is_main:
+                print(f"exit gate: {a.exit_gate_steps} steps, loss {history[0]:.4f} -> {history[-1]:.4f}", flush=True)
         train_seconds = time.time() - started
 
         final = _full_student(student, a, runtime)

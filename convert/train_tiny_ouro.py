@@ -6,9 +6,11 @@ from scratch on the synthetic corpus (`convert/assets/tiny_corpus.jsonl`) packed
 Choices:
 
 * Loss: next-token cross-entropy averaged over ALL loops' logits (Ouro's pre-training puts a loss on
-  every loop; the exit-gate's entropy-regularised objective is left out: the exit gate keeps its
-  initialisation, which the converter does not use). Every loop then produces sensible logits, which
-  is what per-loop distillation needs from a teacher.
+  every loop; the exit-gate's entropy-regularised objective is left out). Every loop then produces
+  sensible logits, which is what per-loop distillation needs from a teacher.
+* Then the exit gate alone, as Ouro's second stage fits it (`convert/exit_gate.py`, `--exit-gate-steps`,
+  300 by default; the rest of the model frozen): it learns where another loop stops lowering the loss,
+  which is what `early_exit_threshold` needs. Distillation never reads the gate.
 * AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay, gradient
   clipping at 1.0, fp32, seeded; the data order is a seeded permutation per epoch.
 * Output: Ouro's checkpoint format (MELT_SPEC section 1): `config.json` with model_type "ouro",
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .data import TINY_CORPUS, TINY_TOKENIZER, load_text_dataset, pack_sequences
+from .exit_gate import train_exit_gate
 
 ARCHITECTURE = dict(  # the tiny teacher's shape
     hidden_size=64,
@@ -133,7 +136,7 @@ def pretraining_optimizer(model: torch.nn.Module, lr: float, steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int) -> dict:
+def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, exit_gate_steps: int = 300) -> dict:
     from transformers import AutoTokenizer
 
     from melt import MeltConfig, MeltForCausalLM
@@ -170,8 +173,10 @@ def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
             per_loop = " ".join(f"{x.item():.3f}" for x in losses)
             print(f"step {step:5d}  loss {loss.item():.4f}  per loop [{per_loop}]  {time.time() - start:.0f}s", flush=True)
     model.eval()
+    gate_history = train_exit_gate(model, rows, exit_gate_steps, seed=seed) if exit_gate_steps else []
     write_ouro_checkpoint(model, TINY_TOKENIZER, out)
     summary = {"params": params, "steps": steps, "final_loss_per_loop": [x.item() for x in losses],
+               "exit_gate_loss": [round(gate_history[0], 4), round(gate_history[-1], 4)] if gate_history else None,
                "seconds": round(time.time() - start, 1)}
     print(f"wrote {out} ({params} parameters): {summary}")
     return summary
@@ -185,8 +190,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and the data order")
+    parser.add_argument("--exit-gate-steps", type=int, default=300, help="steps of the exit-gate stage (0: none)")
     args = parser.parse_args(argv)
-    train(args.out, args.steps, args.batch_size, args.seq_len, args.lr, args.seed)
+    train(args.out, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, args.exit_gate_steps)
 
 
 if __name__ == "__main__":

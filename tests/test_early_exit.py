@@ -107,3 +107,41 @@ def test_adaptive_benchmark_sweeps_thresholds_against_fewer_loops(tmp_path):
     assert rows[("looplm", "fewer loops", 4)]["kl_to_teacher"] == 0.0  # the teacher against itself
     assert payload["finding"] and list(tmp_path.glob("adaptive_tiny_*.png"))
     assert {r["step"] for r in payload["decode"]} == {"skip loops (dynamic cache)", "masked (preallocated cache)"}
+
+
+def test_exit_gate_targets_and_training_follow_the_loss_improvement():
+    from melt_convert.exit_gate import exit_gate_targets, train_exit_gate
+
+    losses = torch.tensor([[3.0, 3.0], [2.0, 2.999], [1.999, 2.5]])  # [T, N]: token 0 gains early, token 1 late
+    targets = exit_gate_targets(losses)
+    assert targets[0, 0] < 0.01 and targets[0, 1] > 0.5  # token 0 should go on after loop 1, token 1 may stop
+    assert targets[1, 0] > 0.5 and targets[1, 1] < 0.01  # then token 0 may stop, token 1 should go on
+    torch.manual_seed(0)
+    model = exiting_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.model.embed_tokens.weight.requires_grad_(False)  # a caller's freezing survives the gate training
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rows = torch.randint(0, 61, (6, 12))
+    history = train_exit_gate(model, rows, steps=30, lr=0.05, batch_size=6)
+    assert history[-1] < history[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.early_exit_gate.weight", "model.early_exit_gate.bias"}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_converter_fits_the_exit_gate_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    from melt_convert import from_ouro
+    from melt_convert.data import ASSETS_DIR
+
+    common = ["--phase1-steps", "1", "--phase2-steps", "1", "--holdout", "4"]
+    from_ouro.run(["--out", str(tmp_path / "plain"), *common])
+    from_ouro.run(["--out", str(tmp_path / "gated"), *common, "--exit-gate-steps", "3"])
+    plain, gated = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "gated" / "model.safetensors")
+    teacher = load_file(ASSETS_DIR / "tiny-ouro" / "model.safetensors")
+    gate = "model.early_exit_gate.weight"
+    assert torch.equal(plain[gate], teacher[gate]) and not torch.equal(gated[gate], teacher[gate])
+    assert all(torch.equal(plain[n], gated[n]) for n in plain if "early_exit_gate" not in n)
+    with pytest.raises(ValueError, match="--exit-gate-steps must be >= 0"):
+        from_ouro.resolve_options(["--exit-gate-steps", "-1"])

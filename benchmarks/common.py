@@ -327,6 +327,24 @@ def _cell(value) -> str:
     return str(value)
 
 
+def memory_table(rows: list[dict], columns: list[str], headers: list[str],
+                 first: dict) -> tuple[list[dict], list[str], list[str]]:
+    """Rows with readable memory cells (`held`, `allocated`, `alloc_peak`, `alloc_delta`, `process_peak` from the
+    measured bytes), and `columns` / `headers` with the allocator-peak and process-peak columns added where the
+    row `first` carries those measurements."""
+    cells = {"held": "cache_nbytes", "allocated": "cache_capacity_nbytes", "alloc_peak": "alloc_peak_bytes",
+             "alloc_delta": "alloc_peak_delta_bytes", "process_peak": "process_peak_rss_bytes"}
+    readable = [{**r, **{cell: human_bytes(r.get(key)) for cell, key in cells.items()}} for r in rows]
+    columns, headers = list(columns), list(headers)
+    if first.get("alloc_peak_bytes") is not None:
+        columns.insert(-1, "alloc_peak")
+        headers.insert(-1, "allocator peak")
+    if first.get("process_peak_rss_bytes") is not None:
+        columns.append("process_peak")
+        headers.append("process peak RSS")
+    return readable, columns, headers
+
+
 def human_bytes(n: float | None) -> str | None:
     if n is None:
         return None

@@ -343,21 +343,13 @@ def print_report(payload: dict) -> None:
                        ["model", "loops", "context", "analytic", "held (nbytes)", "held = analytic",
                         "allocated (capacity_nbytes)"],
                        title=f"KV cache by context ({fixed} loops; standard: 1); every (model, loops, context) row is in the JSON")
-    gen = [{**r, "held": common.human_bytes(r.get("cache_nbytes")), "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]),
-            "allocated": common.human_bytes(r.get("cache_capacity_nbytes")),
-            "weights": common.human_bytes(r["weights_bytes"]), "alloc_peak": common.human_bytes(r.get("alloc_peak_bytes")),
-            "alloc_delta": common.human_bytes(r.get("alloc_peak_delta_bytes")),
-            "process_peak": common.human_bytes(r.get("process_peak_rss_bytes"))} for r in payload["generation"]]
     first = payload["generation"][0]
-    columns = ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated", "alloc_delta"]
-    headers = ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV held (nbytes)", "KV allocated (capacity)",
-               "allocator peak - before"]
-    if first.get("alloc_peak_bytes") is not None:
-        columns.insert(-1, "alloc_peak")
-        headers.insert(-1, "allocator peak")
-    if first.get("process_peak_rss_bytes") is not None:
-        columns.append("process_peak")
-        headers.append("process peak RSS")
+    gen, columns, headers = common.memory_table(
+        [{**r, "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]), "weights": common.human_bytes(r["weights_bytes"])}
+         for r in payload["generation"]],
+        ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated", "alloc_delta"],
+        ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV held (nbytes)", "KV allocated (capacity)",
+         "allocator peak - before"], first)
     notes = f"allocator: {first.get('alloc_method')}"
     if first.get("process_method"):
         notes += f"; {first['process_method']} (whole process: interpreter, libraries, freed-but-kept memory)"

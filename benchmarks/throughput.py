@@ -301,21 +301,12 @@ def plot(result: dict, title: str):
 
 def print_report(payload: dict) -> None:
     r = payload["result"]
-    decode = [{**row, "held": common.human_bytes(row.get("cache_nbytes")),
-               "allocated": common.human_bytes(row.get("cache_capacity_nbytes")),
-               "alloc_peak": common.human_bytes(row.get("alloc_peak_bytes")),
-               "alloc_delta": common.human_bytes(row.get("alloc_peak_delta_bytes")),
-               "process_peak": common.human_bytes(row.get("process_peak_rss_bytes"))} for row in r["decode"]]
     first = next((row for row in r["decode"] if row.get("alloc_method")), {})
-    columns = ["model", "num_loops", "batch", "context", "tokens_per_s", "step_ms", "held", "allocated", "alloc_delta"]
-    headers = ["model", "loops", "batch", "context", "tokens/s", "ms/step", "KV held (nbytes)", "KV allocated (capacity)",
-               "allocator peak - before"]
-    if first.get("alloc_peak_bytes") is not None:
-        columns.insert(-1, "alloc_peak")
-        headers.insert(-1, "allocator peak")
-    if first.get("process_peak_rss_bytes") is not None:
-        columns.append("process_peak")
-        headers.append("process peak RSS")
+    decode, columns, headers = common.memory_table(
+        r["decode"],
+        ["model", "num_loops", "batch", "context", "tokens_per_s", "step_ms", "held", "allocated", "alloc_delta"],
+        ["model", "loops", "batch", "context", "tokens/s", "ms/step", "KV held (nbytes)", "KV allocated (capacity)",
+         "allocator peak - before"], first)
     notes = f"memory of the decode steps, untimed pass; allocator: {first.get('alloc_method')}"
     if first.get("process_method"):
         notes += f"; {first['process_method']} (whole process)"

@@ -263,20 +263,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict, 
 
 
 @contextlib.contextmanager
-def stop_signals():
-    """Record SIGTERM/SIGINT instead of dying, so the loop can checkpoint; restore the handlers after."""
-    received = []
+def _handling_stop_signals(handler):
+    """SIGTERM/SIGINT go to `handler` inside the block; the previous handlers come back after. Outside the main
+    thread signals cannot be handled and are left alone."""
     previous = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
         pass
     try:
-        yield received
+        yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Record SIGTERM/SIGINT instead of dying, so the loop can checkpoint; restore the handlers after."""
+    received = []
+    with _handling_stop_signals(lambda signum, frame: received.append(signum)):
+        yield received
 
 
 def _logged_step(line: str) -> float:
@@ -295,17 +303,8 @@ def raise_on_signals(step: int, stage: str):
     def handler(signum, frame):
         raise Interrupted(signum, step, stage)
 
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
+    with _handling_stop_signals(handler):
         yield
-    finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)
 
 
 def train(

@@ -99,14 +99,13 @@ def summarize(results: list[dict], loops: int) -> str:
         rows = [r for r in melt if r["how"] == how and 1.0 < r["avg_loops"] < loops]
         if not rows:
             continue
-        compared = []
+        compared, better = [], 0
         for r in sorted(rows, key=lambda r: r["avg_loops"]):
             low = int(r["avg_loops"])
-            uniform = fewer[low] + (r["avg_loops"] - low) * (fewer[low + 1] - fewer[low])
+            uniform = fewer[low] + (r["avg_loops"] - low) * (fewer[low + 1] - fewer[low])  # KL at that depth for all
+            better += r["kl_to_teacher"] < uniform
             compared.append(f"threshold {r['threshold']}: {r['avg_loops']:.2f} loops, KL {r['kl_to_teacher']:.4f} vs "
                             f"{uniform:.4f}")
-        better = sum(1 for r in rows if r["kl_to_teacher"] < fewer[int(r["avg_loops"])]
-                     + (r["avg_loops"] - int(r["avg_loops"])) * (fewer[int(r["avg_loops"]) + 1] - fewer[int(r["avg_loops"])]))
         lines.append(f"MELT {how}, against fewer loops for every token at the same average: lower KL at {better} of "
                      f"{len(rows)} thresholds ({'; '.join(compared)})")
     return "; ".join(lines)

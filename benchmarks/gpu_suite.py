@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-path", choices=("auto", "static", "eager"), default="auto",
                         help="part d: static = generate(cache_implementation='static') with its compiled decode; "
                              "auto = static when the model has new_cache(max_cache_len=...), else eager")
+    parser.add_argument("--decode-rows", nargs="+", metavar="MODEL:BATCH:CONTEXT",
+                        help="part d: only these rows, in this order; MODEL melt | looplm, BATCH a number or max, "
+                             "CONTEXT short | long | a number of tokens (default: the whole plan)")
     # Internal: how the parent starts one part in a process of its own.
     parser.add_argument("--run-part", help=argparse.SUPPRESS)
     parser.add_argument("--part-file", type=Path, help=argparse.SUPPRESS)
@@ -144,11 +147,28 @@ def _parse_parts(values: list[str]) -> list[str]:
     return keys
 
 
+def _parse_decode_rows(values: list[str], sizes: dict) -> list[tuple]:
+    """`--decode-rows` tokens as part d's plan entries: (model, batch or "max", context, kind)."""
+    plan = []
+    for value in values:
+        fields = value.split(":")
+        model, batch, context = fields if len(fields) == 3 else (None, None, None)
+        if model not in ("melt", "looplm") or not (batch == "max" or str(batch).isdigit()) or not (
+                context in ("short", "long") or str(context).isdigit()):
+            raise SystemExit(f"--decode-rows: {value!r} is not MODEL:BATCH:CONTEXT (e.g. melt:1:long, looplm:max:long, "
+                             "melt:64:1024)")
+        tokens = sizes[f"{context}_context"] if context in ("short", "long") else int(context)
+        plan.append((model, batch if batch == "max" else int(batch), tokens, "max batch" if batch == "max" else "batch"))
+    return plan
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run_part:
         return child_main(args)
     parts = _parse_parts(args.parts)
+    if args.decode_rows:
+        _parse_decode_rows(args.decode_rows, {"short_context": 1, "long_context": 1})  # refused here, not in part d
     previous = {sig: signal.signal(sig, _end_parts_and_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return run_suite(args, parts)
@@ -166,6 +186,7 @@ def run_suite(args, parts: list[str]) -> int:
     report = {
         "suite": "gpu_suite", "dry_run": args.dry_run, "device": str(device), "device_name": name,
         "budget_s": args.budget_s, "parts_requested": parts, "decode_path": args.decode_path,
+        "decode_rows": args.decode_rows,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "elapsed_s": 0.0, "machine": None,
         "parts": {}, "files": {},
     }
@@ -224,6 +245,8 @@ def run_part_process(key: str, cap: float, scratch: Path, args, device: torch.de
            "--out", str(args.out), "--device", str(device), "--decode-path", args.decode_path]
     if args.dry_run:
         cmd.append("--dry-run")
+    if args.decode_rows:
+        cmd += ["--decode-rows", *args.decode_rows]
     if machine_info:  # versions and device, recorded once (it imports every library: seconds)
         cmd.append("--machine-info")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -727,6 +750,8 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         net = net_of(model)
         path = "eager" if static_failed else decode_path(net, args.decode_path)
         row = {"model": model, "kind": kind, "num_loops": net.config.num_loops, "batch": batch, "context": context}
+        started = time.monotonic()
+        print(f"gpu_suite d: {model} batch {batch}, {context} tokens, {path} path ...", flush=True)
         try:
             row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, path))
         except Exception as error:  # the static/compiled path failing is a result; the eager one is measured then
@@ -746,6 +771,10 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         row.update(weights_bytes=weights, used_bytes=used,
                    fits_budget=None if row.get("oom") else (used is not None and used <= budget))
         rec.append("rows", row)
+        print(f"gpu_suite d: {model} batch {batch}, {context} tokens: {row.get('path')}, "
+              f"{_num(row.get('tokens_per_s'), 1)} tokens/s, warm-up steps "
+              f"{' '.join(f'{1e3 * t:.0f}' for t in row.get('warmup_step_s', []))} ms, "
+              f"{time.monotonic() - started:.0f} s in all{', OOM' if row.get('oom') else ''}", flush=True)
         return row
 
     short, long = sizes["short_context"], sizes["long_context"]
@@ -753,6 +782,8 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
             ("looplm", "max", long, "max batch")]
     plan += [(m, b, short, "batch") for b in sizes["batches"] if b != 1 for m in ("melt", "looplm")]
     plan += [("melt", 1, long, "batch"), ("looplm", 1, long, "batch")]
+    if args.decode_rows:
+        plan = _parse_decode_rows(args.decode_rows, sizes)
     for model, batch, context, kind in plan:
         if rec.left() < 8:
             rec.append("skipped", {"model": model, "batch": batch, "context": context, "reason": "time cap reached"})

@@ -23,6 +23,8 @@ it never silently runs another one. `MELT_ATTENTION_BACKEND` (environment) overr
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import os
 
@@ -216,6 +218,9 @@ def gated_update(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.T
     (the kernel itself falls back to its reference on CPU outside the Triton interpreter). Every other
     backend, "auto" off CUDA included, runs the plain PyTorch lines."""
     if backend == "triton" and a.dtype != torch.float64:
-        return triton_gated_update(a, s, ga, gs, b)
+        # Under autocast the gate's GEMMs (ga, gs) come out in the autocast dtype while a and s stay in the
+        # weights' dtype; the kernel takes one dtype, the one the plain lines below would compute in.
+        dtype = functools.reduce(torch.promote_types, (s.dtype, ga.dtype, gs.dtype, b.dtype), a.dtype)
+        return triton_gated_update(*(t.to(dtype) for t in (a, s, ga, gs)), b)
     z = torch.sigmoid(ga + gs + b)
     return z * s + (1 - z) * a

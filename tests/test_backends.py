@@ -52,6 +52,24 @@ def test_backends_agree_on_logits_and_gradients(setup, backend, monkeypatch):
         assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-3, name
 
 
+def test_triton_backend_under_autocast_matches_eager(setup):
+    """The converter trains fp32 weights under autocast: the gate's GEMMs come out in the autocast dtype while
+    its other inputs stay fp32, and the Triton gate must compute what the plain lines do (fp16 here: the
+    interpreter's bf16 is unreliable; the GPU suite runs bf16)."""
+    model, ids, mask, _ = setup
+    results = {}
+    for backend in ("eager", "triton"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            results[backend] = _run(model, ids, mask, backend)
+    (logits, grads), (ref_logits, ref_grads) = results["triton"], results["eager"]
+    assert logits.dtype == ref_logits.dtype
+    assert (logits.float() - ref_logits.float()).abs().max() < 2e-2
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-6)
+        assert ((grad - ref_grads[name]).abs().max() / scale) < 2e-2, name
+
+
 def test_triton_backend_cached_decode_matches_eager():
     model = tiny_model(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                        head_dim=64, num_hidden_layers=1, num_loops=2, chunk_size=2)

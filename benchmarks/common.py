@@ -125,6 +125,25 @@ def kv_bytes_per_token(config_kwargs: dict, num_loops: int, dtype: torch.dtype) 
     return rows * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def decode_bytes_per_step(preset: str, model: str, batch: int, context: int, dtype: torch.dtype) -> int:
+    """The least bytes one decode step of `batch` sequences after `context` tokens must read (arithmetic): every
+    loop reads each decoder layer's weights once and, per sequence, one key/value row per layer per context token
+    (MELT's shared row, or LoopLM's row of that loop); the final norm and the LM head are read once. The embedding
+    row, the activations and the new rows are left out (a few MB). Its ratio to a step's time is the bandwidth a
+    step achieves; a bandwidth over it is the step's floor."""
+    from melt import MeltConfig, MeltForCausalLM
+
+    kwargs = model_kwargs(preset, model)
+    with torch.device("meta"):
+        net = MeltForCausalLM(MeltConfig(**kwargs))
+    size = torch.empty(0, dtype=dtype).element_size()
+    layers = sum(p.numel() for p in net.model.layers.parameters()) * size
+    once = sum(p.numel() for p in [*net.lm_head.parameters(), *net.model.norm.parameters()]) * size
+    loops = loops_of(model, kwargs["num_loops"])
+    rows = kv_bytes_per_token({**kwargs, "cache_mode": "shared"}, 1, dtype) * context * batch
+    return loops * (layers + rows) + once
+
+
 def loops_of(model: str, num_loops: int) -> int:
     """Loops a model actually runs when the sweep asks for `num_loops` (the standard transformer runs one)."""
     return 1 if model == "standard" else num_loops

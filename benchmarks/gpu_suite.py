@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-rows", nargs="+", metavar="MODEL:BATCH:CONTEXT",
                         help="part d: only these rows, in this order; MODEL melt | looplm, BATCH a number or max, "
                              "CONTEXT short | long | a number of tokens (default: the whole plan)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="write one report into --out from the JSON reports of several calls on the same device "
+                             "(e.g. a rerun of some parts on the warm machine), measuring nothing")
     # Internal: how the parent starts one part in a process of its own.
     parser.add_argument("--run-part", help=argparse.SUPPRESS)
     parser.add_argument("--part-file", type=Path, help=argparse.SUPPRESS)
@@ -166,6 +169,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run_part:
         return child_main(args)
+    if args.merge:
+        report = merge_reports(args.merge)
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(write_report(report, args.out, Path(args.merge[0]).stem))
+        return 0
     parts = _parse_parts(args.parts)
     if args.decode_rows:
         _parse_decode_rows(args.decode_rows, {"short_context": 1, "long_context": 1})  # refused here, not in part d
@@ -215,6 +223,46 @@ def run_suite(args, parts: list[str]) -> int:
     summary = write_report(report, out, stem)
     print("\n" + summary)
     return 1 if crashed else 0
+
+
+def merge_reports(paths: list[Path]) -> dict:
+    """One report from the reports of several calls on one device, in call order. Part d's rows (and max-batch
+    searches) are pooled: a rerun adds rows, e.g. the compiled path beside the eager one. Any other part is taken
+    from the last call that ran it, unless only an earlier call finished it. Every call's runs of every part stay
+    listed under `runs` with their status, and `merged_from` names the calls."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {(r["device_name"], r["dry_run"]) for r in reports}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge: the reports come from different devices or modes: {sorted(devices)}")
+    merged = {**reports[-1], "parts": {}, "files": {}, "budget_s": sum(r["budget_s"] for r in reports),
+              "elapsed_s": sum(r["elapsed_s"] for r in reports), "started": reports[0]["started"],
+              "decode_path": " + ".join(dict.fromkeys(r["decode_path"] for r in reports)),
+              "machine": next((r["machine"] for r in reports if r.get("machine")), None),
+              "merged_from": [{"file": Path(p).name, "started": r["started"], "budget_s": r["budget_s"],
+                               "parts": r["parts_requested"], "decode_path": r["decode_path"],
+                               "decode_rows": r.get("decode_rows")} for p, r in zip(paths, reports)]}
+    for call, report in enumerate(reports, 1):
+        for key, entry in report["parts"].items():
+            run = {"call": call, **{k: entry.get(k) for k in ("status", "seconds", "cap_s", "reason")}}
+            kept = merged["parts"].get(key)
+            if kept is None:
+                merged["parts"][key] = {**entry, "runs": [run]}
+            elif key == "d":
+                data = kept.setdefault("data", {})
+                for field in ("rows", "max_batch", "skipped"):
+                    data[field] = data.get(field, []) + (entry.get("data") or {}).get(field, [])
+                kept["runs"].append(run)
+            elif entry["status"] == "done" or kept["status"] != "done":
+                merged["parts"][key] = {**entry, "runs": [*kept["runs"], run]}
+            else:
+                kept["runs"].append(run)
+    for entry in merged["parts"].values():
+        if len(entry["runs"]) > 1:
+            entry["status"] = " + ".join(f"call {r['call']}: {r['status']}" for r in entry["runs"])
+            entry["seconds"] = round(sum(r["seconds"] or 0 for r in entry["runs"]), 1)
+            entry["cap_s"] = " + ".join(str(r["cap_s"]) for r in entry["runs"])
+            entry["reason"] = "; ".join(f"call {r['call']}: {r['reason']}" for r in entry["runs"] if r.get("reason"))
+    return merged
 
 
 def _device_name(device: torch.device) -> str:
@@ -956,6 +1004,11 @@ def summary_markdown(report: dict) -> str:
              f"{report['started']}; budget {report['budget_s']:.0f} s, used {report['elapsed_s']:.0f} s; torch "
              f"{machine.get('torch')}, CUDA {machine.get('cuda')}, triton {machine.get('triton')}, transformers "
              f"{machine.get('transformers')}; decode path requested: {report['decode_path']}.", ""]
+    for call, source in enumerate(report.get("merged_from", []), 1):
+        rows = f", rows {' '.join(source['decode_rows'])}" if source.get("decode_rows") else ""
+        lines.append(f"- call {call} ({source['started']}): parts {' '.join(source['parts'])}, budget "
+                     f"{source['budget_s']:.0f} s, decode path {source['decode_path']}{rows}")
+    lines += [""] if report.get("merged_from") else []
     lines += _table(["part", "what", "status", "seconds", "cap s", "note"],
                     [[k, e["title"], e["status"], e["seconds"], e["cap_s"], (e.get("reason") or "").replace("|", "/")]
                      for k, e in report["parts"].items()])
@@ -1059,18 +1112,34 @@ def _section_decode(data: dict, report: dict) -> list[str]:
     lines = [f"## d. Decode, {setup.get('preset')} shape", "",
              f"Budget: {_gb(setup.get('budget_bytes'))} GB of "
              f"{_gb(setup.get('card_bytes'))} GB ({setup.get('card')}); used = {setup.get('fits')}.", ""]
+    copy = _copy_bandwidth(report)
+    dtype = getattr(torch, str(setup.get("dtype", "torch.bfloat16")).removeprefix("torch."))
     rows = []
     for r in data.get("rows", []):
+        floor = common.decode_bytes_per_step(setup["preset"], r["model"], r["batch"], r["context"], dtype) if (
+            setup.get("preset") and r["model"] in common.MODELS) else None
+        achieved = floor / (r["step_ms"] / 1e3) if floor and r.get("step_ms") else None
         rows.append([r["model"], r["kind"], r["batch"], r["context"], r.get("path"), _num(r.get("tokens_per_s"), 1),
-                     _num(r.get("step_ms"), 2), _num(r.get("prefill_and_first_token_s"), 2),
+                     _num(r.get("step_ms"), 2), _gb(floor), _num(achieved and achieved / 1e9, 0),
+                     _num(copy and achieved and 100 * achieved / copy, 1), _num(r.get("prefill_and_first_token_s"), 2),
                      " ".join(f"{1e3 * s:.0f}" for s in r.get("warmup_step_s", [])) or "-", _gb(r.get("used_bytes")),
                      "OOM" if r.get("oom") else "error" if r.get("error") else ("yes" if r.get("fits_budget") else "no")])
-    lines += _table(["model", "row", "batch", "context", "path", "tokens/s", "ms/step", "prefill s", "warm-up ms",
-                     "used GB", "fits"], rows)
+    lines += [f"GB/step: the least bytes a step reads (`benchmarks.common.decode_bytes_per_step`: weights once per "
+              f"loop, one row per layer per context token per loop, arithmetic); GB/s = that over the step's time; "
+              f"% copy = GB/s over the best device-copy bandwidth part b measured "
+              f"({_num(copy and copy / 1e9, 0)} GB/s), i.e. the fraction of the bandwidth limit reached.", ""]
+    lines += _table(["model", "row", "batch", "context", "path", "tokens/s", "ms/step", "GB/step", "GB/s", "% copy",
+                     "prefill s", "warm-up ms", "used GB", "fits"], rows)
     for m in data.get("max_batch", []):
         lines.append(f"- {m['model']}: largest batch that fit at {m['context']} tokens: {m['largest_fitting']} "
                      f"(tried {m['tried']}; analytic {m['analytic_batch']} for a preallocated cache; path {m['path']})")
     return lines + [""]
+
+
+def _copy_bandwidth(report: dict) -> float | None:
+    """The best device-copy bandwidth (bytes/s) part b measured in this report, if it ran."""
+    gated = ((report["parts"].get("b") or {}).get("data") or {}).get("gated_update") or []
+    return max((r["copy_gb_per_s"] * 1e9 for r in gated if r.get("copy_gb_per_s")), default=None)
 
 
 def _section_convert(data: dict, report: dict) -> list[str]:

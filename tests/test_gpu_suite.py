@@ -171,3 +171,63 @@ def test_a_failing_measurement_is_recorded_and_the_part_goes_on(tmp_path, monkey
               "parts": {"d": {"title": "decode", "status": "done", "seconds": 1, "cap_s": 1, "data": rec.data}}}
     summary = gpu_suite.summary_markdown(report)
     assert "## d. Decode" in summary and "| error |" in summary
+
+
+def test_decode_rows_are_parsed_into_the_plan_and_refused_when_malformed():
+    sizes = {"short_context": 1024, "long_context": 32_000}
+    assert gpu_suite._parse_decode_rows(["melt:1:long", "looplm:max:short", "melt:64:2048"], sizes) == [
+        ("melt", 1, 32_000, "batch"), ("looplm", "max", 1024, "max batch"), ("melt", 64, 2048, "batch")]
+    for bad in ("melt:1", "gpt:1:long", "melt:many:long", "melt:1:longer"):
+        with pytest.raises(SystemExit, match="MODEL:BATCH:CONTEXT"):
+            gpu_suite._parse_decode_rows([bad], sizes)
+
+
+def _call(parts: dict, decode_path: str = "auto", started: str = "t") -> dict:
+    return {"device_name": "GPU X", "dry_run": False, "budget_s": 100.0, "elapsed_s": 50.0, "started": started,
+            "decode_path": decode_path, "parts_requested": list(parts), "machine": {"torch": "2"}, "files": {},
+            "parts": {k: {"title": k, "status": status, "seconds": 1.0, "cap_s": 9.0, "data": data}
+                      for k, (status, data) in parts.items()}}
+
+
+def test_merged_reports_pool_decode_rows_and_keep_the_last_finished_run_of_other_parts(tmp_path):
+    calls = [_call({"c": ("done", {"rows": [1]}), "d": ("stopped at its cap", {"rows": [{"path": "e"}]}),
+                    "e": ("crashed", {"error": "TypeError"})}),
+             _call({"c": ("crashed", {"rows": [2]}), "d": ("done", {"rows": [{"path": "c"}]}),
+                    "e": ("stopped at its cap", {"phases": [3]})}, decode_path="static", started="u")]
+    paths = []
+    for i, call in enumerate(calls):
+        paths.append(tmp_path / f"call{i}.json")
+        paths[-1].write_text(json.dumps(call))
+    merged = gpu_suite.merge_reports(paths)
+    parts = merged["parts"]
+    assert parts["c"]["data"] == {"rows": [1]}  # the crash of a later call does not replace a finished run
+    assert parts["d"]["data"]["rows"] == [{"path": "e"}, {"path": "c"}]
+    assert parts["e"]["data"] == {"phases": [3]}  # the later run, though it did not finish either
+    assert parts["e"]["status"] == "call 1: crashed + call 2: stopped at its cap"
+    assert merged["decode_path"] == "auto + static" and merged["budget_s"] == 200.0
+    assert [m["started"] for m in merged["merged_from"]] == ["t", "u"]
+    other = _call({"c": ("done", {})})
+    other["device_name"] = "GPU Y"
+    paths.append(tmp_path / "other.json")
+    paths[-1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different devices"):
+        gpu_suite.merge_reports(paths)
+
+
+def test_decode_bytes_floor_counts_weights_per_loop_and_one_row_per_layer_per_token_per_loop():
+    import torch
+
+    from melt_benchmarks import common
+
+    floor = {(m, b, c): common.decode_bytes_per_step("tiny", m, b, c, torch.float32)
+             for m in ("melt", "looplm", "standard") for b in (1, 2) for c in (10, 20)}
+    kwargs = common.model_kwargs("tiny", "melt")
+    row = common.kv_bytes_per_token(kwargs, 1, torch.float32)  # one row per layer, one loop
+    loops = kwargs["num_loops"]
+    for m in ("melt", "looplm"):  # each loop reads one row per layer per token, whatever the cache mode
+        assert floor[(m, 1, 20)] - floor[(m, 1, 10)] == loops * row * 10
+        assert floor[(m, 2, 10)] - floor[(m, 1, 10)] == loops * row * 10
+    assert floor[("standard", 1, 20)] - floor[("standard", 1, 10)] == row * 10
+    # The gate's weights are MELT's only extra read.
+    gate = 2 * kwargs["hidden_size"] ** 2 + kwargs["hidden_size"]
+    assert floor[("melt", 1, 10)] - floor[("looplm", 1, 10)] == loops * kwargs["num_hidden_layers"] * gate * 4

@@ -214,10 +214,11 @@ def _flash(q, k, v, k_prefix, v_prefix) -> torch.Tensor:
 
 
 def gated_update(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor, backend: str):
-    """Element-wise gate: `z = sigmoid(ga + gs + b)`, `s' = z * s + (1 - z) * a`; one fused pass with "triton"
+    """The learned gate: `z = sigmoid(ga + gs + b)`, `s' = z * s + (1 - z) * a`; one fused pass with "triton"
     (the kernel itself falls back to its reference on CPU outside the Triton interpreter). Every other
-    backend, "auto" off CUDA included, runs the plain PyTorch lines."""
-    if backend == "triton" and a.dtype != torch.float64:
+    backend, "auto" off CUDA included, and a scalar gate (ga, gs [..., 1], broadcast over the hidden units) run
+    the plain PyTorch lines: the one place MELT's models write the rule."""
+    if backend == "triton" and a.dtype != torch.float64 and ga.shape == a.shape:
         # Under autocast the gate's GEMMs (ga, gs) come out in the autocast dtype while a and s stay in the
         # weights' dtype; the kernel takes one dtype, the one the plain lines below would compute in.
         dtype = functools.reduce(torch.promote_types, (s.dtype, ga.dtype, gs.dtype, b.dtype), a.dtype)

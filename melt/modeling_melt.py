@@ -147,10 +147,8 @@ class MeltLatentGate(nn.Module):
             return s + (a - s) / (loop + 1)
         if self.gate_type == "ema":
             return torch.lerp(a, s, self.ema_decay)
+        # elementwise: ga, gs [B, C, hidden]; scalar: [B, C, 1], one gate per token, broadcast by the plain lines.
         ga, gs = F.linear(a, self.W), F.linear(s, self.U)
-        if self.gate_type == "scalar":
-            z = torch.sigmoid(ga + gs + self.b)  # [B, C, 1]
-            return z * s + (1 - z) * a
         return gated_update(a, s, ga, gs, self.b, backend)
 
 

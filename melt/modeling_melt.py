@@ -25,7 +25,9 @@ The architecture, in the choices that matter:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,30 @@ class MeltLatentGate(nn.Module):
         return gated_update(a, s, ga, gs, self.b, backend)
 
 
+@dataclass(frozen=True)
+class _LayerInputs:
+    """What every (layer, loop) of one chunk shares: positions, visibility, blend and backend."""
+
+    cos: torch.Tensor  # [B, C, head_dim]
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None  # [B, P + C] bool
+    kv_blend_alpha: float | None
+    backend: str
+    prefix_lengths: torch.Tensor | None = None  # [B]: prefix rows that exist (a preallocated buffer's fill)
+
+
+class LayerOutput(NamedTuple):
+    """One layer at one loop: `shared_rows` = (k, v) from the latent (shared mode), `loop_rows` = (k, v) from
+    the layer input `a` (per_loop mode, or the phase-1 blend), `attn` `[B, C, H*D]` the attention output before
+    o_proj."""
+
+    hidden: torch.Tensor
+    latent: torch.Tensor | None
+    shared_rows: tuple[torch.Tensor, torch.Tensor] | None
+    loop_rows: tuple[torch.Tensor, torch.Tensor] | None
+    attn: torch.Tensor
+
+
 class MeltDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MeltConfig, layer_idx: int):
         super().__init__()
@@ -168,26 +194,18 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden: torch.Tensor,  # [B, C, hidden]: the chunk's residual stream
         latent: torch.Tensor | None,  # [B, C, hidden]: the chunk's latent state `s` (shared mode), None on loop 0
-        cos: torch.Tensor,  # [B, C, head_dim]
-        sin: torch.Tensor,
         k_prefix: torch.Tensor | None,  # [B, Hkv, P, D]: prefix rows this loop reads
         v_prefix: torch.Tensor | None,
-        key_mask: torch.Tensor | None,  # [B, P + C] bool
         loop: int,
-        kv_blend_alpha: float | None,
-        backend: str,
-        prefix_lengths: torch.Tensor | None = None,  # [B]: prefix rows that exist (a preallocated buffer's fill)
+        inputs: _LayerInputs,
         active: torch.Tensor | None = None,  # [B, C] bool: tokens still looping (early exit); None = all
         held_rows: tuple[torch.Tensor, torch.Tensor] | None = None,  # per_loop: this layer's rows of the last loop
-    ):
-        """One layer at one loop, as a pure function of its inputs (so it can be checkpointed).
-
-        Returns `(hidden, latent, shared_rows, loop_rows, attn_out)`: `shared_rows` = (k, v) from the latent
-        (shared mode), `loop_rows` = (k, v) from `a` (per_loop mode, or the blend), `attn_out` `[B, C, H*D]`
-        the attention output before o_proj. A token that is not `active` has exited: its hidden state and latent
-        pass through unchanged, so its shared row stays the one of its exit loop, and its per-loop rows are
-        `held_rows` (its exit loop's, as Ouro copies them).
-        """
+    ) -> LayerOutput:
+        """One layer at one loop, as a pure function of its inputs (so it can be checkpointed); the tensors that
+        carry gradients are positional. A token that is not `active` has exited: its hidden state and latent pass
+        through unchanged, so its shared row stays the one of its exit loop, and its per-loop rows are `held_rows`
+        (its exit loop's, as Ouro copies them)."""
+        cos, sin, kv_blend_alpha, backend = inputs.cos, inputs.sin, inputs.kv_blend_alpha, inputs.backend
         a = self.input_layernorm(hidden)
         q = self.self_attn.query(a, cos, sin)
         shared_rows = loop_rows = None
@@ -205,13 +223,14 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
             if kv_blend_alpha is not None:
                 loop_rows = self.self_attn.key_value(a, cos, sin)
                 k, v = torch.lerp(loop_rows[0], k, kv_blend_alpha), torch.lerp(loop_rows[1], v, kv_blend_alpha)
-        attn = chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, backend, prefix_lengths=prefix_lengths)
+        attn = chunk_attention(q, k, v, k_prefix, v_prefix, inputs.key_mask, backend,
+                               prefix_lengths=inputs.prefix_lengths)
         attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
         out = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
         out = out + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(out)))
         if active is not None:
             out = torch.where(active[..., None], out, hidden)
-        return out, latent, shared_rows, loop_rows, attn
+        return LayerOutput(out, latent, shared_rows, loop_rows, attn)
 
 
 class MeltPreTrainedModel(PreTrainedModel):
@@ -273,6 +292,30 @@ class MeltCausalLMOutput(CausalLMOutputWithPast):
     loop_logits: tuple[torch.Tensor, ...] | None = None
     loop_hidden_states: tuple[torch.Tensor, ...] | None = None
     attention_outputs: tuple[tuple[torch.Tensor, ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class _CallPlan:
+    """What one forward call computes, resolved once from its arguments and the config (`MeltModel._plan_call`)."""
+
+    num_loops: int
+    blend: float | None  # phase-1 kv_blend_alpha (None: MELT's shared rows alone)
+    exit_at_step: int | None  # the loop whose output every token returns
+    threshold: float | None  # per-token exit by the exit distribution, chosen after running every loop
+    stop_at: float | None  # early exit that stops a token's loops (adaptive depth)
+    keep_loops: frozenset[int]  # loops whose hidden states the output needs
+    return_loop_outputs: bool
+    collect_attention: bool  # every (loop, layer)'s attention output (phase-2 alignment)
+
+
+@dataclass
+class _LoopsOutput:
+    """The loops' outputs for the columns of a call (or of one round)."""
+
+    exit_logits: torch.Tensor  # [B, W, T]
+    hidden: dict[int, torch.Tensor]  # loop -> [B, W, hidden], for the loops in `keep_loops`
+    attention: list[list[torch.Tensor]] | None  # [loop][layer] -> [B, W, H*D]
+    loops_run: torch.Tensor  # [B, W]
 
 
 @dataclass
@@ -340,6 +383,27 @@ class MeltModel(MeltPreTrainedModel):
         **kwargs,
     ) -> MeltModelOutput:
         _refuse_unknown_kwargs(kwargs, "MeltModel.forward")
+        plan = self._plan_call(num_loops, kv_blend_alpha, exit_at_step, early_exit_threshold, return_loop_outputs,
+                               return_attention_outputs)
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        batch, length = inputs_embeds.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        internal_cache = cache is None
+        if internal_cache:
+            # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
+            cache = MeltCache(self.config, num_loops=plan.num_loops, keep_loop_rows=plan.blend is not None)
+        self._check_cache(cache, batch)
+        cache.begin_call(plan.num_loops, plan.blend)
+        if cache.is_preallocated and length == 1 and plan.blend is None:
+            out = self._static_decode_step(inputs_embeds, attention_mask, position_ids, cache, plan)
+        else:
+            out = self._chunked_call(inputs_embeds, attention_mask, position_ids, cache, plan,
+                                     store_rows=use_cache or not internal_cache)
+        return self._output(out, plan, cache if use_cache else None)
+
+    def _plan_call(self, num_loops, kv_blend_alpha, exit_at_step, early_exit_threshold, return_loop_outputs,
+                   return_attention_outputs) -> _CallPlan:
+        """Check the call's loop options against each other and the config, once, before any compute."""
         config = self.config
         num_loops = config.num_loops if num_loops is None else num_loops
         validate_num_loops(num_loops, "num_loops")
@@ -349,49 +413,53 @@ class MeltModel(MeltPreTrainedModel):
             validate_exit_step(exit_at_step, num_loops)
         if early_exit_threshold is not None and not 0.0 <= float(early_exit_threshold) <= 1.0:
             raise ValueError(f"early_exit_threshold must lie in [0, 1] (1 = every loop), got {early_exit_threshold!r}")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            self._check_input_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must be [batch, length, hidden_size={config.hidden_size}], "
-                f"got shape {tuple(inputs_embeds.shape)}"
-            )
-        batch, length = inputs_embeds.shape[:2]
-        if length == 0 or batch == 0:
-            raise ValueError("empty input: input_ids/inputs_embeds must hold at least one token per sequence")
         blend = self._check_blend(kv_blend_alpha)
-        if use_cache is None:
-            use_cache = config.use_cache
-        internal_cache = cache is None
-        if internal_cache:
-            # Even without use_cache, a chunked forward keeps rows across chunks: the cache is then internal.
-            cache = MeltCache(config, num_loops=num_loops, keep_loop_rows=blend is not None)
-        self._check_cache(cache, inputs_embeds.shape[0])
-        cache.begin_call(num_loops, blend)
         # Early exit (MELT_SPEC section 8): a token stops looping once its cumulative exit probability reaches the
         # threshold; it then holds its exit loop's state, so the last loop's output is its exit loop's.
         stop_at = threshold if exit_at_step is None and threshold is not None and threshold < 1.0 else None
         if stop_at is not None:
             if blend is not None:
-                raise ValueError("early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha")
+                raise ValueError(
+                    "early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha"
+                )
             threshold = None
-        keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
-        if cache.is_preallocated and length == 1 and blend is None:
-            return self._static_decode_step(
-                inputs_embeds, attention_mask, position_ids, cache, num_loops, exit_at_step, threshold, keep_loops,
-                return_loop_outputs, return_attention_outputs, use_cache, stop_at,
-            )
-        past = cache.get_seq_length()
+        if return_loop_outputs or (exit_at_step is None and threshold is not None and threshold < 1.0):
+            keep_loops = frozenset(range(num_loops))
+        else:
+            keep_loops = frozenset({num_loops - 1 if exit_at_step is None else exit_at_step})
+        return _CallPlan(num_loops, blend, exit_at_step, threshold, stop_at, keep_loops, return_loop_outputs,
+                         return_attention_outputs)
 
-        key_mask = self._full_key_mask(attention_mask, batch, past + length, inputs_embeds.device, cache)
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            self._check_input_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, length, hidden_size={self.config.hidden_size}], "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError("empty input: input_ids/inputs_embeds must hold at least one token per sequence")
+        return inputs_embeds
+
+    def _chunked_call(self, embeds, attention_mask, position_ids, cache: MeltCache, plan: _CallPlan,
+                      store_rows: bool) -> _LoopsOutput:
+        """Any call but the preallocated one-token step: the columns are split into rounds (one chunk of every
+        sequence each, `_plan_rounds`), each round runs all loops, and the rounds' outputs are put back in
+        column order. Rows nobody reads are not stored: without `store_rows` only rounds after the first read
+        rows."""
+        config = self.config
+        batch, length = embeds.shape[:2]
+        past = cache.get_seq_length()
+        key_mask = self._full_key_mask(attention_mask, batch, past + length, embeds.device, cache)
         if position_ids is None:
             if key_mask is not None:
                 position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
+                position_ids = torch.arange(past, past + length, device=embeds.device).expand(batch, -1)
         real = None if key_mask is None else key_mask[:, past:]
         max_position = int(position_ids.max() if real is None else position_ids.masked_fill(~real, 0).max())
         if max_position >= config.max_position_embeddings:
@@ -400,58 +468,110 @@ class MeltModel(MeltPreTrainedModel):
                 f"{config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
             )
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
-        backend = resolve_backend(config.attention_backend, inputs_embeds.device)
-        rounds = self._plan_rounds(position_ids, real, key_mask, past, length, inputs_embeds.device)
-
-        # Rows nobody reads are not stored: without use_cache, an internal cache matters only across rounds.
-        store_rows = use_cache or not internal_cache or len(rounds) > 1
+        backend = resolve_backend(config.attention_backend, embeds.device)
+        rounds = self._plan_rounds(position_ids, real, key_mask, past, length, embeds.device)
+        store_rows = store_rows or len(rounds) > 1
         if store_rows:
-            cache.make_room(past + length, like=self._row_like(inputs_embeds, batch))
-        per_round = [self._run_round(inputs_embeds, cos, sin, rnd, cache if store_rows else None, num_loops, blend,
-                                     backend, keep_loops, return_attention_outputs, stop_at) for rnd in rounds]
+            cache.make_room(past + length, like=self._row_like(embeds, batch))
+        per_round = [self._run_round(embeds, cos, sin, rnd, cache if store_rows else None, plan, backend)
+                     for rnd in rounds]
         if store_rows:
             cache.end_call(past + length)
 
         def assemble(pieces):
             return _assemble(pieces, rounds, length)
 
-        exit_logits = assemble([r["exit"] for r in per_round]).squeeze(-1)  # [B, L, T]
-        loops_run = assemble([r["loops_run"] for r in per_round])  # [B, L]
-        loop_hidden = {t: assemble([r["hidden"][t] for r in per_round]) for t in keep_loops}
-        attention_outputs = None
-        if return_attention_outputs:
-            attention_outputs = tuple(
-                tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
-                for t in range(num_loops)
-            )
-        return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            return_loop_outputs, cache if use_cache else None, loops_run)
+        attention = None
+        if plan.collect_attention:
+            attention = [[assemble([r.attention[t][idx] for r in per_round]) for idx in range(len(self.layers))]
+                         for t in range(plan.num_loops)]
+        return _LoopsOutput(
+            exit_logits=assemble([r.exit_logits for r in per_round]),
+            hidden={t: assemble([r.hidden[t] for r in per_round]) for t in plan.keep_loops},
+            attention=attention,
+            loops_run=assemble([r.loops_run for r in per_round]),
+        )
 
-    def _output(self, exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                return_loop_outputs, cache, loops_run):
+    def _output(self, out: _LoopsOutput, plan: _CallPlan, cache: MeltCache | None) -> MeltModelOutput:
         """Pick each token's returned hidden state from its loops (fixed step, exit threshold, or the last loop)."""
-        exit_probs = exit_distribution(exit_logits)
-        if exit_at_step is not None:
-            selected = loop_hidden[exit_at_step]
-        elif threshold is not None and threshold < 1.0:
-            choice = select_exit_loop(exit_probs, threshold)  # [B, L]
-            stacked = torch.stack([loop_hidden[t] for t in range(num_loops)], dim=2)  # [B, L, T, hidden]
+        exit_probs = exit_distribution(out.exit_logits)
+        if plan.exit_at_step is not None:
+            selected = out.hidden[plan.exit_at_step]
+        elif plan.threshold is not None and plan.threshold < 1.0:
+            choice = select_exit_loop(exit_probs, plan.threshold)  # [B, L]
+            stacked = torch.stack([out.hidden[t] for t in range(plan.num_loops)], dim=2)  # [B, L, T, hidden]
             selected = stacked.gather(2, choice[..., None, None].expand(-1, -1, 1, stacked.shape[-1])).squeeze(2)
         else:
-            selected = loop_hidden[num_loops - 1]
+            selected = out.hidden[plan.num_loops - 1]
+        attention = None if out.attention is None else tuple(tuple(per_loop) for per_loop in out.attention)
         return MeltModelOutput(
             last_hidden_state=selected,
             cache=cache,
             exit_probs=exit_probs,
-            loops_run=loops_run,
-            loop_hidden_states=tuple(loop_hidden[t] for t in range(num_loops)) if return_loop_outputs else None,
-            attention_outputs=attention_outputs,
+            loops_run=out.loops_run,
+            loop_hidden_states=(tuple(out.hidden[t] for t in range(plan.num_loops))
+                                if plan.return_loop_outputs else None),
+            attention_outputs=attention,
         )
+
+    # -- the loops of one chunk: shared by a round and the preallocated decode step ------------------------------
+
+    def _run_loops(self, hidden, plan: _CallPlan, inputs: _LayerInputs,
+                   read_prefix: Callable[[int, int], tuple],
+                   on_loop_rows: Callable[[int, int, tuple], None] | None,
+                   can_skip: bool) -> tuple[_LoopsOutput, list]:
+        """All loops over all layers for one chunk `[B, W, hidden]`; returns the outputs and each layer's shared
+        rows of the last loop (final once the loops are done, for the caller to commit).
+
+        `read_prefix(layer, loop)` gives the prefix rows a (layer, loop) attends to; `on_loop_rows(layer, loop,
+        rows)` receives per-loop rows (per_loop mode, or the blend) as soon as they exist, and the exit loop's rows
+        again for every loop a token skipped. With early exit, `can_skip` lets the loops end once every token has
+        exited (one host read per loop: the compute saved); without it (a captured step) every loop runs with the
+        exited tokens masked."""
+        n_layers = len(self.layers)
+        latents, final_rows, held = [None] * n_layers, [None] * n_layers, [None] * n_layers
+        exits, loop_hidden = [], {}
+        attention = [[None] * n_layers for _ in range(plan.num_loops)] if plan.collect_attention else None
+        stop = None if plan.stop_at is None else _EarlyExit(plan.stop_at, hidden.shape[:2], hidden.device)
+        for loop in range(plan.num_loops):
+            if can_skip and stop is not None and loop > 0 and not bool(stop.active.any()):
+                # Every token has exited: the loops left are skipped. Per-loop caches get the exit loop's rows in
+                # the skipped loops' slots (Ouro copies them).
+                for later in range(loop, plan.num_loops):
+                    for idx in range(n_layers):
+                        if on_loop_rows is not None and held[idx] is not None:
+                            on_loop_rows(idx, later, held[idx])
+                    exits.append(exits[-1])
+                    if later in plan.keep_loops:
+                        loop_hidden[later] = hidden
+                break
+            active = None if stop is None or loop == 0 else stop.active
+            for idx, layer in enumerate(self.layers):
+                k_prefix, v_prefix = read_prefix(idx, loop)
+                hidden, latents[idx], shared_rows, loop_rows, attn = layer(
+                    hidden, latents[idx], k_prefix, v_prefix, loop, inputs, active, held[idx]
+                )
+                if loop_rows is not None:
+                    if on_loop_rows is not None:
+                        on_loop_rows(idx, loop, loop_rows)
+                    held[idx] = loop_rows
+                final_rows[idx] = shared_rows
+                if attention is not None:
+                    attention[loop][idx] = attn
+            hidden = self._loop_end(hidden, active)
+            exits.append(self.early_exit_gate(hidden))
+            if stop is not None:
+                stop.after_loop(exits[-1], loop == plan.num_loops - 1)
+            if loop in plan.keep_loops:
+                loop_hidden[loop] = hidden
+        loops_run = _all_loops(hidden, plan.num_loops) if stop is None else stop.loops_run
+        out = _LoopsOutput(torch.stack(exits, dim=2).squeeze(-1), loop_hidden, attention, loops_run)
+        return out, final_rows
 
     # -- one token per sequence on a preallocated cache: the capturable decode step ------------------------------
 
-    def _static_decode_step(self, embeds, attention_mask, position_ids, cache: MeltCache, num_loops, exit_at_step,
-                            threshold, keep_loops, return_loop_outputs, collect, use_cache, stop_at=None):
+    def _static_decode_step(self, embeds, attention_mask, position_ids, cache: MeltCache,
+                            plan: _CallPlan) -> _LoopsOutput:
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
@@ -480,7 +600,6 @@ class MeltModel(MeltPreTrainedModel):
                 f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
             )
         fill = cache.fill  # [1]
-        prefix_lengths = fill.expand(batch)  # [B]: the attention skips (or masks) the columns not yet written
         key_mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=device, dtype=torch.bool)
@@ -503,94 +622,40 @@ class MeltModel(MeltPreTrainedModel):
             # The Triton kernels launch outside a graph (torch.compiler.disable): a captured step attends in PyTorch
             # over the whole buffer, masked past `fill`, which the compiler fuses. A forced "triton" is kept.
             backend = "eager"
-
-        hidden = embeds
-        latents = [None] * len(self.layers)
-        final_rows = [None] * len(self.layers)
-        held = [None] * len(self.layers)
-        exits, loop_hidden = [], {}
-        attention_outputs = [[None] * len(self.layers) for _ in range(num_loops)]
-        # Early exit, capturable: every loop runs and exited tokens are masked (no loop is skipped here).
-        stop = None if stop_at is None else _EarlyExit(stop_at, hidden.shape[:2], device)
-        for loop in range(num_loops):
-            active = None if stop is None or loop == 0 else stop.active
-            for idx, layer in enumerate(self.layers):
-                k_prefix, v_prefix = cache.static_prefix_rows(idx, loop)
-                hidden, latents[idx], shared_rows, loop_rows, attn = layer(
-                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, key_mask, loop, None, backend, prefix_lengths,
-                    active, held[idx],
-                )
-                if loop_rows is not None:
-                    cache.static_write_loop_rows(idx, loop, loop_rows)
-                    held[idx] = loop_rows
-                final_rows[idx] = shared_rows
-                attention_outputs[loop][idx] = attn
-            hidden = self._loop_end(hidden, active)
-            exits.append(self.early_exit_gate(hidden))
-            if stop is not None:
-                stop.after_loop(exits[-1], loop == num_loops - 1)
-            if loop in keep_loops:
-                loop_hidden[loop] = hidden
+        # prefix_lengths: the attention skips (or masks) the columns not yet written.
+        inputs = _LayerInputs(cos, sin, key_mask, None, backend, prefix_lengths=fill.expand(batch))
+        out, final_rows = self._run_loops(embeds, plan, inputs, cache.static_prefix_rows,
+                                          cache.static_write_loop_rows, can_skip=False)
         for idx, rows in enumerate(final_rows):
             if rows is not None:
                 cache.static_write_final_rows(idx, rows)
         cache.static_advance(1)
-        exit_logits = torch.stack(exits, dim=2).squeeze(-1)  # [B, 1, T]
-        attention_outputs = tuple(tuple(per_loop) for per_loop in attention_outputs) if collect else None
-        loops_run = _all_loops(hidden, num_loops) if stop is None else stop.loops_run
-        return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
-                            return_loop_outputs, cache if use_cache else None, loops_run)
+        return out
 
     # -- one round: all loops of one chunk -------------------------------------------------------------------
 
-    def _run_round(self, embeds, cos, sin, rnd: _Round, cache: MeltCache, num_loops, blend, backend, keep_loops,
-                   collect, stop_at=None):
-        hidden = rnd.take(embeds)
-        cos, sin = rnd.take(cos), rnd.take(sin)
-        latents = [None] * len(self.layers)
-        final_rows = [None] * len(self.layers)
-        held = [None] * len(self.layers)  # per-loop rows of the last loop run, per layer
-        blend_rows = [[None] * len(self.layers) for _ in range(num_loops)]
-        out = {"exit": [], "hidden": {}, "attn": [[None] * len(self.layers) for _ in range(num_loops)]}
-        stop = None if stop_at is None else _EarlyExit(stop_at, hidden.shape[:2], hidden.device)
-        for loop in range(num_loops):
-            if stop is not None and loop > 0 and not bool(stop.active.any()):  # one host read per loop
-                # Every token of the round has exited: the remaining loops are skipped, which is the compute saved.
-                # Per-loop caches get the exit loop's rows in the skipped loops' slots (Ouro copies them).
-                for later in range(loop, num_loops):
-                    for idx in range(len(self.layers)):
-                        if cache is not None and held[idx] is not None:
-                            cache.commit_loop_rows(idx, later, held[idx], rnd.write_at)
-                    out["exit"].append(out["exit"][-1])
-                    if later in keep_loops:
-                        out["hidden"][later] = hidden
-                break
-            active = None if stop is None or loop == 0 else stop.active
-            for idx, layer in enumerate(self.layers):
-                k_prefix, v_prefix = (None, None) if cache is None else cache.prefix_rows(idx, loop, rnd.prefix_len)
-                hidden, latents[idx], shared_rows, loop_rows, attn = layer(
-                    hidden, latents[idx], cos, sin, k_prefix, v_prefix, rnd.key_mask, loop, blend, backend,
-                    None, active, held[idx],
-                )
-                if cache is not None and loop_rows is not None and blend is None:
-                    cache.commit_loop_rows(idx, loop, loop_rows, rnd.write_at)  # per-loop rows: final at once
-                elif loop_rows is not None:  # blended with the shared row, which is final only after the round
-                    blend_rows[loop][idx] = loop_rows
-                if loop_rows is not None:
-                    held[idx] = loop_rows
-                final_rows[idx] = shared_rows
-                if collect:
-                    out["attn"][loop][idx] = attn
-            hidden = self._loop_end(hidden, active)
-            out["exit"].append(self.early_exit_gate(hidden))
-            if stop is not None:
-                stop.after_loop(out["exit"][-1], loop == num_loops - 1)
-            if loop in keep_loops:
-                out["hidden"][loop] = hidden
-        out["loops_run"] = _all_loops(hidden, num_loops) if stop is None else stop.loops_run
+    def _run_round(self, embeds, cos, sin, rnd: _Round, cache: MeltCache | None, plan: _CallPlan,
+                   backend: str) -> _LoopsOutput:
+        """All loops of one round's chunk, reading the rows final before it and committing its rows after.
+
+        Per-loop rows are final at once (per_loop mode); blended loop rows (phase 1) are mixed with the shared
+        rows, which are final only after the round, so both are committed together at its end."""
+        n_layers = len(self.layers)
+        blend_rows = [[None] * n_layers for _ in range(plan.num_loops)]
+
+        def read_prefix(idx, loop):
+            return (None, None) if cache is None else cache.prefix_rows(idx, loop, rnd.prefix_len)
+
+        def on_loop_rows(idx, loop, rows):
+            if plan.blend is not None:
+                blend_rows[loop][idx] = rows
+            elif cache is not None:
+                cache.commit_loop_rows(idx, loop, rows, rnd.write_at)
+
+        inputs = _LayerInputs(rnd.take(cos), rnd.take(sin), rnd.key_mask, plan.blend, backend)
+        out, final_rows = self._run_loops(rnd.take(embeds), plan, inputs, read_prefix, on_loop_rows, can_skip=True)
         if cache is not None:  # the chunk's rows are final only now
             cache.commit_round(final_rows, blend_rows, rnd.write_at)
-        out["exit"] = torch.stack(out["exit"], dim=2)  # [B, W, T, 1]
         return out
 
     def _loop_end(self, hidden: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
@@ -602,67 +667,39 @@ class MeltModel(MeltPreTrainedModel):
 
     def _plan_rounds(self, position_ids, real, key_mask, past, length, device) -> list[_Round]:
         """Split this call's columns into rounds (one chunk per sequence each); see `_Round`."""
-        per_loop = self.config.cache_mode == "per_loop"
-        chunk = self.config.chunk_size
-        if per_loop or length == 1:
+        if self.config.cache_mode == "per_loop" or length == 1:
             # Per-loop rows make chunking irrelevant (every loop reads its own rows): one parallel round.
             return [_Round(slice(0, length), None, past, _mask_upto(key_mask, past + length))]
-        pos = position_ids.detach().cpu()
-        real_cpu = None if real is None else real.detach().cpu()
-        chunk_ids = pos // chunk
-        if real_cpu is not None:
-            # Padding columns join the round of the nearest real token on their left (the first round when at
-            # the left edge): they are masked everywhere, only their place matters.
-            big = torch.iinfo(chunk_ids.dtype).min
-            chunk_ids = torch.where(real_cpu, chunk_ids, big).cummax(dim=1).values
-            first_real = torch.where(real_cpu, pos // chunk, torch.iinfo(chunk_ids.dtype).max).min(dim=1).values
-            chunk_ids = torch.maximum(chunk_ids, first_real[:, None])
-        round_ids = chunk_ids - chunk_ids[:, :1]  # [B, L], non-decreasing along L
-        if bool((round_ids == round_ids[:1]).all()):
+        round_ids = self._round_ids(position_ids, real)
+        if bool((round_ids == round_ids[:1]).all()):  # every sequence has its chunk boundaries at the same columns
             bounds = torch.nonzero(round_ids[0, 1:] != round_ids[0, :-1]).flatten().add(1).tolist()
             edges = [0, *bounds, length]
             return [
                 _Round(slice(lo, hi), None, past + lo, _mask_upto(key_mask, past + hi))
                 for lo, hi in zip(edges[:-1], edges[1:])
             ]
-        rounds = []
-        for r in range(int(round_ids.max()) + 1):
-            member = round_ids == r  # [B, L], contiguous per row
-            count = member.sum(1)
-            start = torch.where(count > 0, member.int().argmax(1), 0)  # argmax: first True column
-            width = int(count.max())
-            slots = torch.arange(width)
-            valid = slots[None] < count[:, None]
-            index = (start[:, None] + torch.minimum(slots[None], (count[:, None] - 1).clamp(min=0))).clamp(max=length - 1)
-            visible_prefix = past + int(start.max())
-            prefix_mask = torch.arange(visible_prefix)[None] < (past + start)[:, None]  # rows final before this round
-            if key_mask is not None:
-                km = key_mask.detach().cpu()
-                prefix_mask &= km[:, :visible_prefix]
-                chunk_mask = valid & km.gather(1, past + index)
-            else:
-                chunk_mask = valid
-            batch_idx, slot_idx = valid.nonzero(as_tuple=True)
-            write_index = (batch_idx, slot_idx, past + index[batch_idx, slot_idx])
-            rounds.append(
-                _Round(
-                    index.to(device),
-                    valid.to(device),
-                    visible_prefix,
-                    torch.cat([prefix_mask, chunk_mask], dim=1).to(device),
-                    tuple(t.to(device) for t in write_index),
-                )
-            )
-        return rounds
+        km = None if key_mask is None else key_mask.detach().cpu()
+        return [_ragged_round(round_ids == r, past, km, length, device) for r in range(int(round_ids.max()) + 1)]
 
-    def _loops_to_keep(self, num_loops, exit_at_step, threshold, return_loop_outputs) -> set[int]:
-        if return_loop_outputs or (exit_at_step is None and threshold is not None and threshold < 1.0):
-            return set(range(num_loops))
-        return {num_loops - 1 if exit_at_step is None else exit_at_step}
+    def _round_ids(self, position_ids, real) -> torch.Tensor:
+        """`[B, L]` (on the host) the round of each column: its chunk on its own sequence's positions, counted
+        from the sequence's first chunk in this call; non-decreasing along L."""
+        chunk = self.config.chunk_size
+        pos = position_ids.detach().cpu()
+        chunk_ids = pos // chunk
+        if real is not None:
+            # Padding columns join the round of the nearest real token on their left (the first round when at
+            # the left edge): they are masked everywhere, only their place matters.
+            real = real.detach().cpu()
+            chunk_ids = torch.where(real, chunk_ids, torch.iinfo(chunk_ids.dtype).min).cummax(dim=1).values
+            first_real = torch.where(real, pos // chunk, torch.iinfo(chunk_ids.dtype).max).min(dim=1).values
+            chunk_ids = torch.maximum(chunk_ids, first_real[:, None])
+        return chunk_ids - chunk_ids[:, :1]
 
     def _row_like(self, embeds: torch.Tensor, batch: int) -> torch.Tensor:
         """A zero-size tensor with the cache rows' batch, heads, head_dim, dtype and device."""
-        dtype = torch.get_autocast_dtype(embeds.device.type) if torch.is_autocast_enabled(embeds.device.type) else embeds.dtype
+        kind = embeds.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else embeds.dtype
         return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim, dtype=dtype)
 
     def _full_key_mask(self, attention_mask, batch, total, device, cache) -> torch.Tensor | None:
@@ -756,6 +793,33 @@ class _EarlyExit:
         self.cumulative = torch.where(active, self.cumulative + exit_here, self.cumulative)
         self.survive = torch.where(active, self.survive * (1 - hazard), self.survive)
         self.active = active & (self.cumulative < self.threshold)
+
+
+def _ragged_round(member: torch.Tensor, past: int, key_mask: torch.Tensor | None, length: int, device) -> _Round:
+    """The round of the columns `member` `[B, L]` (contiguous per sequence, on the host) when sequences have their
+    chunks at different columns: gathered by index into `[B, W]`, `valid` marking real entries."""
+    count = member.sum(1)
+    start = torch.where(count > 0, member.int().argmax(1), 0)  # argmax: first True column
+    width = int(count.max())
+    slots = torch.arange(width)
+    valid = slots[None] < count[:, None]
+    index = (start[:, None] + torch.minimum(slots[None], (count[:, None] - 1).clamp(min=0))).clamp(max=length - 1)
+    visible_prefix = past + int(start.max())
+    prefix_mask = torch.arange(visible_prefix)[None] < (past + start)[:, None]  # rows final before this round
+    if key_mask is not None:
+        prefix_mask &= key_mask[:, :visible_prefix]
+        chunk_mask = valid & key_mask.gather(1, past + index)
+    else:
+        chunk_mask = valid
+    batch_idx, slot_idx = valid.nonzero(as_tuple=True)
+    write_index = (batch_idx, slot_idx, past + index[batch_idx, slot_idx])
+    return _Round(
+        index.to(device),
+        valid.to(device),
+        visible_prefix,
+        torch.cat([prefix_mask, chunk_mask], dim=1).to(device),
+        tuple(t.to(device) for t in write_index),
+    )
 
 
 def _all_loops(hidden: torch.Tensor, num_loops: int) -> torch.Tensor:
@@ -934,7 +998,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         dtype: torch.dtype | None = None,
         revision: str | None = None,
         **config_overrides,
-    ) -> "MeltForCausalLM":
+    ) -> MeltForCausalLM:
         """Build a model from an Ouro checkpoint (a local directory or a Hub id) with this project's own reader.
 
         Ouro tensors map 1:1 onto this model; the gate tensors (shared mode) are new and initialised as
@@ -948,7 +1012,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         return load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, config_overrides)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MeltForCausalLM":
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MeltForCausalLM:
         """transformers' loader, naming the weight file it cannot read (its SafetensorError names none). Foreign
         checkpoints (an Ouro one) and bad config overrides are refused by `MeltConfig` before any weight is read."""
         try:

@@ -50,3 +50,14 @@ def twin(model: MeltForCausalLM, **overrides) -> MeltForCausalLM:
                 if GATE_MARKER in name:
                     param.normal_(0.0, 0.3)
     return other
+
+
+def logits_in_pieces(model: MeltForCausalLM, ids: torch.Tensor, edges: list[int], **kwargs) -> torch.Tensor:
+    """Logits of `ids` run as consecutive calls over columns `edges[i]:edges[i + 1]`, each continuing the
+    previous call's cache; the pieces concatenated (compare with one full forward)."""
+    cache, pieces = None, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out = model(ids[:, lo:hi], cache=cache, use_cache=True, **kwargs)
+        cache = out.cache
+        pieces.append(out.logits)
+    return torch.cat(pieces, 1)

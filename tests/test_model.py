@@ -5,7 +5,7 @@ import torch
 
 from melt import MeltCache, MeltConfig, MeltForCausalLM, override_backend
 from melt.modeling_melt import GATE_MARKER, MeltLatentGate, select_exit_loop
-from melt_testing import tiny_config, tiny_model, twin
+from melt_testing import logits_in_pieces, tiny_config, tiny_model, twin
 from ouro_reference import exit_probs, ouro_forward, select_logits
 
 ATOL = 1e-5
@@ -64,13 +64,7 @@ def test_per_loop_decode_with_cache_matches_full_forward():
     model = tiny_model(cache_mode="per_loop")
     ids = torch.randint(0, 61, (2, 9))
     full = model(ids, use_cache=False).logits
-    cache = None
-    steps = []
-    for i in range(9):
-        out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        steps.append(out.logits)
-    assert max_diff(torch.cat(steps, 1), full) < ATOL
+    assert max_diff(logits_in_pieces(model, ids, list(range(10))), full) < ATOL
 
 
 # 2. shared: chunking and the cache --------------------------------------------------------------------------
@@ -80,12 +74,7 @@ def test_shared_chunk_size_one_equals_token_by_token_decode():
     model = tiny_model(chunk_size=1)
     ids = torch.randint(0, 61, (2, 10))
     full = model(ids, use_cache=False).logits
-    cache, steps = None, []
-    for i in range(10):
-        out = model(ids[:, i : i + 1], cache=cache)
-        cache = out.cache
-        steps.append(out.logits)
-    assert max_diff(torch.cat(steps, 1), full) < ATOL
+    assert max_diff(logits_in_pieces(model, ids, list(range(11))), full) < ATOL
 
 
 @pytest.mark.parametrize("chunk,splits", [(4, [4, 12]), (3, [3, 6, 9]), (5, [10])])
@@ -93,12 +82,7 @@ def test_chunked_forward_equals_cached_calls_split_at_chunk_multiples(chunk, spl
     model = tiny_model(chunk_size=chunk)
     ids = torch.randint(0, 61, (2, 14))
     full = model(ids, use_cache=False).logits
-    cache, pieces, edges = None, [], [0, *splits, 14]
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        out = model(ids[:, lo:hi], cache=cache)
-        cache = out.cache
-        pieces.append(out.logits)
-    assert max_diff(torch.cat(pieces, 1), full) < ATOL
+    assert max_diff(logits_in_pieces(model, ids, [0, *splits, 14]), full) < ATOL
 
 
 def test_chunk_size_changes_shared_results():

@@ -200,16 +200,13 @@ def build_data(recipe: Recipe, seed: int, seed_dir: Path, tokenizer) -> dict:
 
 def pretrain(rows: torch.Tensor, num_loops: int, recipe: Recipe, seed: int, tokenizer, out: Path) -> dict:
     """Train the tiny stack with `num_loops` loops (per_loop: Ouro) and write it as an Ouro checkpoint at `out`."""
-    from melt import MeltConfig, MeltForCausalLM
+    from melt import MeltForCausalLM
     from melt_convert.data import TINY_TOKENIZER
-    from melt_convert.train_tiny_ouro import ARCHITECTURE, pretraining_optimizer, write_ouro_checkpoint
+    from melt_convert.ouro_writer import write_ouro_checkpoint
+    from melt_convert.train_tiny_ouro import pretraining_optimizer, teacher_config
 
     torch.manual_seed(seed)  # the same initial weights for both models of a seed
-    config = MeltConfig(
-        vocab_size=len(tokenizer), cache_mode="per_loop", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **{**ARCHITECTURE, "num_loops": num_loops, "max_position_embeddings": max(128, recipe.seq_len)},
-    )
+    config = teacher_config(tokenizer, num_loops=num_loops, max_position_embeddings=max(128, recipe.seq_len))
     model = MeltForCausalLM(config).train()
     steps = recipe.pretrain_steps
     optimizer, schedule = pretraining_optimizer(model, recipe.pretrain_lr, steps)  # the asset teacher's recipe

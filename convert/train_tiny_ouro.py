@@ -13,10 +13,9 @@ Choices:
   which is what `early_exit_threshold` needs. Distillation never reads the gate.
 * AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay, gradient
   clipping at 1.0, fp32, seeded; the data order is a seeded permutation per epoch.
-* Output: Ouro's checkpoint format (MELT_SPEC section 1): `config.json` with model_type "ouro",
-  `total_ut_steps` and Ouro's field names, `model.safetensors` with Ouro's tensor names (this project's
-  per_loop names are the same), the tokenizer files. Written to a temporary sibling directory and
-  renamed into place, so a crash never leaves a half-written checkpoint.
+* Output: Ouro's checkpoint format (MELT_SPEC section 1), written by `convert/ouro_writer.py`: `config.json`
+  with model_type "ouro", `total_ut_steps` and Ouro's field names, `model.safetensors` with Ouro's tensor
+  names (this project's per_loop names are the same), the tokenizer files, renamed into place atomically.
 
 Command line (about 4 minutes on 2 CPU cores)::
 
@@ -26,19 +25,18 @@ Command line (about 4 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+
+from melt import MeltConfig, MeltForCausalLM
 
 from .data import TINY_CORPUS, TINY_TOKENIZER, load_text_dataset, pack_sequences
 from .exit_gate import train_exit_gate
+from .ouro_writer import write_ouro_checkpoint
 
 ARCHITECTURE = dict(  # the tiny teacher's shape
     hidden_size=64,
@@ -55,67 +53,13 @@ ARCHITECTURE = dict(  # the tiny teacher's shape
 )
 
 
-def ouro_config(melt_config) -> dict:
-    """The Ouro `config.json` of a per_loop MELT config, with Ouro's field names."""
-    c = melt_config
-    layers = c.num_hidden_layers
-    return {
-        "architectures": ["OuroForCausalLM"],
-        "model_type": "ouro",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": c.max_position_embeddings,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None,
-        "rms_norm_eps": c.rms_norm_eps,
-        "initializer_range": c.initializer_range,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "total_ut_steps": c.num_loops,
-        "early_exit_threshold": 1.0,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": layers,
-        "layer_types": ["full_attention"] * layers,
-        "attention_dropout": 0.0,
-        "bos_token_id": c.bos_token_id,
-        "eos_token_id": c.eos_token_id,
-        "pad_token_id": c.pad_token_id,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
-
-
-def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
-    """Write `model` (per_loop) as an Ouro checkpoint directory at `out`, atomically."""
-    if model.config.cache_mode != "per_loop":
-        raise ValueError("an Ouro checkpoint is a per_loop model")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-        os.chmod(staging / "model.safetensors", 0o644)
-        (staging / "config.json").write_text(json.dumps(ouro_config(model.config), indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for file in sorted(Path(tokenizer_dir).iterdir()):
-                if file.is_file():
-                    shutil.copy2(file, staging / file.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def teacher_config(tokenizer, **changes) -> MeltConfig:
+    """The tiny teacher's per_loop config over `tokenizer` (its vocabulary and special tokens): `ARCHITECTURE`, with
+    `changes` to it (the reproduction benchmark's teachers differ in loops and length)."""
+    return MeltConfig(
+        vocab_size=len(tokenizer), cache_mode="per_loop", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **{**ARCHITECTURE, **changes},
+    )
 
 
 def pretraining_optimizer(model: torch.nn.Module, lr: float, steps: int):
@@ -139,16 +83,10 @@ def pretraining_optimizer(model: torch.nn.Module, lr: float, steps: int):
 def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, exit_gate_steps: int = 300) -> dict:
     from transformers import AutoTokenizer
 
-    from melt import MeltConfig, MeltForCausalLM
-
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     rows = pack_sequences(load_text_dataset(TINY_CORPUS, tokenizer), tokenizer, seq_len, seed)  # [N, L]
-    config = MeltConfig(
-        vocab_size=len(tokenizer), cache_mode="per_loop", bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **ARCHITECTURE,
-    )
-    model = MeltForCausalLM(config).train()
+    model = MeltForCausalLM(teacher_config(tokenizer)).train()
     params = sum(p.numel() for p in model.parameters())
     optimizer, schedule = pretraining_optimizer(model, lr, steps)
     generator = torch.Generator().manual_seed(seed)

@@ -20,14 +20,46 @@ import torch
 from .configuration_melt import MeltConfig
 from .modeling_melt import GATE_MARKER
 
-# Ouro config field -> MeltConfig field (fields with the same name are copied as they are).
-_RENAMED = {"total_ut_steps": "num_loops"}
-_COPIED = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-    "tie_word_embeddings", "early_exit_threshold", "bos_token_id", "eos_token_id", "pad_token_id",
-    "hidden_act", "initializer_range",
-)
+# Ouro's config.json, field by field in the order Ouro lists them: the one map between Ouro's config and MeltConfig,
+# read by `ouro_config_to_melt` and written by `melt_config_to_ouro`. A string names the MeltConfig field that the Ouro
+# field holds (the same name but for `total_ut_steps`, Ouro's `num_loops`). A function gives the writer's value of a
+# field the reader does not map: Ouro's identity; the plain case of what MELT leaves out (RoPE scaling, sliding-window
+# layers, attention dropout; the reader refuses checkpoints that use the first two); use_cache on; torch_dtype
+# float32, the dtype this project trains and writes its Ouro checkpoints in.
+OURO_CONFIG_FIELDS = {
+    "architectures": lambda config: ["OuroForCausalLM"],
+    "model_type": lambda config: "ouro",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "hidden_act": "hidden_act",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "rope_scaling": lambda config: None,
+    "rms_norm_eps": "rms_norm_eps",
+    "initializer_range": "initializer_range",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "total_ut_steps": "num_loops",
+    "early_exit_threshold": "early_exit_threshold",
+    "use_sliding_window": lambda config: False,
+    "sliding_window": lambda config: None,
+    "max_window_layers": lambda config: config.num_hidden_layers,
+    "layer_types": lambda config: ["full_attention"] * config.num_hidden_layers,
+    "attention_dropout": lambda config: 0.0,
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "use_cache": lambda config: True,
+    "torch_dtype": lambda config: "float32",
+}
+OURO_TO_MELT = {name: field for name, field in OURO_CONFIG_FIELDS.items() if isinstance(field, str)}  # the mapped ones
+# What the writer puts where a mapped MeltConfig field is None: Ouro's threshold has no "off", and 1.0 (exit only
+# after the last loop) runs every loop, as MELT's None does.
+_OURO_FOR_NONE = {"early_exit_threshold": 1.0}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 # A Hub repository id: `name` or `owner/name` (huggingface_hub's rule, without its length limit).
@@ -139,7 +171,25 @@ def _resolve_device(device_map):
     )
 
 
+def melt_config_to_ouro(config: MeltConfig) -> dict:
+    """The Ouro `config.json` (as a dict, in Ouro's field order) of a per_loop config: `OURO_CONFIG_FIELDS` written
+    out, which `ouro_config_to_melt` reads back to the same mapped fields."""
+    if config.cache_mode != "per_loop":
+        raise ValueError(f"an Ouro checkpoint is a per_loop model; this config has cache_mode={config.cache_mode!r}")
+    ouro = {}
+    for name, source in OURO_CONFIG_FIELDS.items():
+        if callable(source):
+            ouro[name] = source(config)
+        else:
+            value = getattr(config, source)
+            ouro[name] = _OURO_FOR_NONE.get(name) if value is None else value
+    return ouro
+
+
 def ouro_config_to_melt(ouro: dict, cache_mode: str, gate_type: str, overrides: dict) -> MeltConfig:
+    """The MeltConfig of an Ouro `config.json`: the fields of `OURO_TO_MELT`, then `cache_mode`, `gate_type`
+    and `overrides` (MeltConfig fields). Refuses what MELT does not run: another model type, RoPE scaling, sliding
+    windows."""
     if ouro.get("model_type") != "ouro":
         raise ValueError(
             f"not an Ouro checkpoint: config.json has model_type {ouro.get('model_type')!r}, expected 'ouro' "
@@ -149,8 +199,7 @@ def ouro_config_to_melt(ouro: dict, cache_mode: str, gate_type: str, overrides: 
         raise ValueError(f"Ouro config uses rope_scaling={ouro['rope_scaling']!r}, which this reader does not support")
     if ouro.get("use_sliding_window") or any(t != "full_attention" for t in ouro.get("layer_types") or ()):
         raise ValueError("Ouro config uses sliding-window layers, which this reader does not support")
-    fields = {name: ouro[name] for name in _COPIED if ouro.get(name) is not None}
-    fields.update({new: ouro[old] for old, new in _RENAMED.items() if ouro.get(old) is not None})
+    fields = {field: ouro[name] for name, field in OURO_TO_MELT.items() if ouro.get(name) is not None}
     fields.update(cache_mode=cache_mode, gate_type=gate_type)
     fields.update(overrides)
     try:

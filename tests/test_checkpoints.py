@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from melt import MeltForCausalLM
+from melt import MeltConfig, MeltForCausalLM
+from melt.ouro_checkpoint import OURO_TO_MELT, melt_config_to_ouro, ouro_config_to_melt
 from melt_testing import tiny_model
 from ouro_reference import ouro_forward
 
@@ -107,31 +108,9 @@ def test_installing_melt_does_not_claim_the_kernels_import_name(tmp_path):
 
 
 def ouro_config(model) -> dict:
-    cfg = model.config
-    return {
-        "model_type": "ouro",
-        "architectures": ["OuroForCausalLM"],
-        "auto_map": {"AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"},
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": False,
-        "total_ut_steps": cfg.num_loops,
-        "early_exit_threshold": 1.0,
-        "hidden_act": "silu",
-        "use_sliding_window": False,
-        "rope_scaling": None,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-        "torch_dtype": "float32",
-    }
+    """The Ouro config.json of a per_loop model, with the `auto_map` of Ouro's Hub checkpoints (which the reader
+    ignores: Ouro's remote code is never run)."""
+    return {**melt_config_to_ouro(model.config), "auto_map": {"AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}}
 
 
 def write_ouro(directory: Path, state: dict, config: dict, shards: int = 1) -> Path:
@@ -173,6 +152,28 @@ def test_from_ouro_gives_the_reference_logits(ouro_checkpoint, shards):
     assert torch.equal(gate.W, torch.zeros_like(gate.W)) and torch.all(gate.b == student.config.gate_bias_init)
     assert not any(p.is_meta for p in student.parameters())
     assert MeltForCausalLM.from_ouro(directory, num_loops=6).config.num_loops == 6
+
+
+def test_the_ouro_config_map_reads_back_what_it_writes():
+    # every mapped field away from its default (hidden_act has one allowed value), so a field dropped or renamed on
+    # one side only fails here
+    fields = dict(
+        vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=96, rope_theta=5_000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, num_loops=3, early_exit_threshold=0.75, bos_token_id=1, eos_token_id=2,
+        pad_token_id=3, hidden_act="silu", initializer_range=0.01,
+    )
+    assert set(fields) == set(OURO_TO_MELT.values())
+    ouro = json.loads(json.dumps(melt_config_to_ouro(MeltConfig(cache_mode="per_loop", **fields))))
+    assert ouro["model_type"] == "ouro" and ouro["total_ut_steps"] == 3 and "num_loops" not in ouro
+    assert ouro["layer_types"] == ["full_attention"] * 3 and ouro["max_window_layers"] == 3
+    back = ouro_config_to_melt(ouro, "shared", "scalar", {})
+    assert {name: getattr(back, name) for name in fields} == fields
+    assert (back.cache_mode, back.gate_type) == ("shared", "scalar")
+    default = melt_config_to_ouro(MeltConfig(cache_mode="per_loop"))
+    assert default["early_exit_threshold"] == 1.0  # MELT's None (every loop) as Ouro says it
+    with pytest.raises(ValueError, match="per_loop model; this config has cache_mode='shared'"):
+        melt_config_to_ouro(MeltConfig())
 
 
 def _drop(state, name):
@@ -303,8 +304,6 @@ def test_from_ouro_refuses_unknown_keywords_and_accepts_transformers_dtypes(ouro
     ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else None,
 )
 def test_from_pretrained_validates_overrides_at_load(tmp_path, override, match):
-    from melt import MeltConfig
-
     tiny_model().save_pretrained(tmp_path)
     for load in (MeltForCausalLM.from_pretrained, MeltConfig.from_pretrained):
         with pytest.raises(ValueError, match=rf"MeltConfig.{match} .*\(keyword arguments given: {match}\)"):
@@ -313,8 +312,6 @@ def test_from_pretrained_validates_overrides_at_load(tmp_path, override, match):
 
 
 def test_from_pretrained_refuses_an_ouro_checkpoint_and_points_to_from_ouro(ouro_checkpoint):
-    from melt import MeltConfig
-
     _, state, config, tmp_path = ouro_checkpoint
     directory = write_ouro(tmp_path / "ouro", state, {**config, "total_ut_steps": 2})
     for load in (MeltForCausalLM.from_pretrained, MeltConfig.from_pretrained):

@@ -16,7 +16,8 @@ from melt import MeltConfig, MeltForCausalLM
 from melt.modeling_melt import GATE_MARKER
 from melt_convert import distill, from_ouro, train
 from melt_convert.data import TINY_CORPUS, TINY_TOKENIZER
-from melt_convert.train_tiny_ouro import write_ouro_checkpoint
+from melt_convert.ouro_writer import write_ouro_checkpoint
+from melt_convert.train_tiny_ouro import teacher_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = from_ouro.EMBEDDED_OURO  # the trained tiny Ouro (4 loops): learning is measurable against it
@@ -34,6 +35,15 @@ def ouro_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny-ouro"
     write_ouro_checkpoint(model, TINY_TOKENIZER, path)
     return path
+
+
+def test_the_writer_rewrites_the_embedded_tiny_ouro_config_byte_for_byte(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = MeltForCausalLM(teacher_config(AutoTokenizer.from_pretrained(TINY_TOKENIZER)))  # as train_tiny_ouro does
+    write_ouro_checkpoint(model, TINY_TOKENIZER, tmp_path / "tiny-ouro")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "tiny-ouro" / name).read_bytes() == (TRAINED / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def pretrain(rows: torch.Tensor, num_loops: int, recipe: Recipe, seed: int, toke
     from melt import MeltForCausalLM
     from melt_convert.data import TINY_TOKENIZER
     from melt_convert.ouro_writer import write_ouro_checkpoint
-    from melt_convert.train_tiny_ouro import pretraining_optimizer, teacher_config
+    from melt_convert.train_tiny_ouro import pretraining_optimizer, pretraining_step, teacher_config
 
     torch.manual_seed(seed)  # the same initial weights for both models of a seed
     config = teacher_config(tokenizer, num_loops=num_loops, max_position_embeddings=max(128, recipe.seq_len))
@@ -223,11 +223,7 @@ def pretrain(rows: torch.Tensor, num_loops: int, recipe: Recipe, seed: int, toke
             answer_loss = token_loss[answers].mean() if bool(answers.any()) else token_loss.new_zeros(())
             losses.append(token_loss.mean() + recipe.answer_weight * answer_loss)
         loss = torch.stack(losses).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        pretraining_step(loss, model, optimizer, schedule)
     write_ouro_checkpoint(model.eval(), TINY_TOKENIZER, out)
     summary = {"final_loss": loss.item(), "seconds": round(time.time() - started, 1),
                "tokens": steps * recipe.pretrain_batch * recipe.seq_len,

@@ -80,6 +80,15 @@ def pretraining_optimizer(model: torch.nn.Module, lr: float, steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def pretraining_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule) -> None:
+    """One update of the pretraining recipe: backward, gradient norm clipped to 1, optimizer and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, exit_gate_steps: int = 300) -> dict:
     from transformers import AutoTokenizer
 
@@ -102,11 +111,7 @@ def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
             F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()) for logits in output.loop_logits
         ]
         loss = torch.stack(losses).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        pretraining_step(loss, model, optimizer, schedule)
         if step % 50 == 0 or step == steps - 1:
             per_loop = " ".join(f"{x.item():.3f}" for x in losses)
             print(f"step {step:5d}  loss {loss.item():.4f}  per loop [{per_loop}]  {time.time() - start:.0f}s", flush=True)

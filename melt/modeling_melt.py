@@ -376,7 +376,9 @@ class MeltModel(MeltPreTrainedModel):
         stop_at = threshold if exit_at_step is None and threshold is not None and threshold < 1.0 else None
         if stop_at is not None:
             if blend is not None:
-                raise ValueError("early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha")
+                raise ValueError(
+                    "early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha"
+                )
             threshold = None
         keep_loops = self._loops_to_keep(num_loops, exit_at_step, threshold, return_loop_outputs)
         if cache.is_preallocated and length == 1 and blend is None:
@@ -421,7 +423,7 @@ class MeltModel(MeltPreTrainedModel):
         attention_outputs = None
         if return_attention_outputs:
             attention_outputs = tuple(
-                tuple(assemble([r["attn"][t][l] for r in per_round]) for l in range(len(self.layers)))
+                tuple(assemble([r["attn"][t][layer] for r in per_round]) for layer in range(len(self.layers)))
                 for t in range(num_loops)
             )
         return self._output(exit_logits, loop_hidden, attention_outputs, num_loops, exit_at_step, threshold,
@@ -633,7 +635,8 @@ class MeltModel(MeltPreTrainedModel):
             width = int(count.max())
             slots = torch.arange(width)
             valid = slots[None] < count[:, None]
-            index = (start[:, None] + torch.minimum(slots[None], (count[:, None] - 1).clamp(min=0))).clamp(max=length - 1)
+            last_slot = (count[:, None] - 1).clamp(min=0)
+            index = (start[:, None] + torch.minimum(slots[None], last_slot)).clamp(max=length - 1)
             visible_prefix = past + int(start.max())
             prefix_mask = torch.arange(visible_prefix)[None] < (past + start)[:, None]  # rows final before this round
             if key_mask is not None:
@@ -662,7 +665,8 @@ class MeltModel(MeltPreTrainedModel):
 
     def _row_like(self, embeds: torch.Tensor, batch: int) -> torch.Tensor:
         """A zero-size tensor with the cache rows' batch, heads, head_dim, dtype and device."""
-        dtype = torch.get_autocast_dtype(embeds.device.type) if torch.is_autocast_enabled(embeds.device.type) else embeds.dtype
+        device_type = embeds.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
         return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim, dtype=dtype)
 
     def _full_key_mask(self, attention_mask, batch, total, device, cache) -> torch.Tensor | None:
@@ -934,7 +938,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         dtype: torch.dtype | None = None,
         revision: str | None = None,
         **config_overrides,
-    ) -> "MeltForCausalLM":
+    ) -> MeltForCausalLM:
         """Build a model from an Ouro checkpoint (a local directory or a Hub id) with this project's own reader.
 
         Ouro tensors map 1:1 onto this model; the gate tensors (shared mode) are new and initialised as
@@ -948,7 +952,7 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         return load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, config_overrides)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MeltForCausalLM":
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MeltForCausalLM:
         """transformers' loader, naming the weight file it cannot read (its SafetensorError names none). Foreign
         checkpoints (an Ouro one) and bad config overrides are refused by `MeltConfig` before any weight is read."""
         try:

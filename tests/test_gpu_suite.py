@@ -147,7 +147,8 @@ def test_decode_rows_say_which_path_ran_not_only_which_was_asked(monkeypatch):
 
 
 def test_progress_of_a_killed_pytest_is_counted():
-    output = "tests/x.py::y\n..F.s                                            [ 40%]\n.E.  [ 60%]\nnot a progress line ...\n"
+    output = ("tests/x.py::y\n..F.s                                            [ 40%]\n"
+              ".E.  [ 60%]\nnot a progress line ...\n")
     assert gpu_suite._progress_counts(output) == {"passed": 5, "failed": 1, "errors": 1, "skipped": 1, "xfailed": 0,
                                                   "xpassed": 0}
 

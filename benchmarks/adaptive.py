@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=None, help="held-out sequences to use (default: all)")
     parser.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per threshold and path")
     parser.add_argument("--train-exit-gate", type=int, default=300, metavar="STEPS",
-                        help="then fit each model's exit gate (convert.exit_gate) for STEPS steps and sweep again; 0: no")
+                        help="then fit each model's exit gate (convert.exit_gate) for STEPS steps and sweep again; "
+                             "0: no")
     parser.add_argument("--out-dir", default=None, help="directory for the JSON and PNG (default runs/benchmarks)")
     args = parser.parse_args(argv)
     from transformers import PreTrainedTokenizerFast

@@ -195,7 +195,7 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     for module in ("transformers", "triton", "flash_attn"):
         try:
@@ -245,7 +245,9 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 1, r
 # -- results --------------------------------------------------------------------------------------------------
 
 
-def result_paths(name: str, preset: str, device: torch.device, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def result_paths(
+    name: str, preset: str, device: torch.device, out_dir: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     out = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
     stem = f"{name}_{preset}_{device_slug(device)}"
     return out / f"{stem}.json", out / f"{stem}.png"
@@ -397,7 +399,8 @@ class AllocationPeak:
         if self.device.type == "cuda":
             self.method = "torch.cuda.max_memory_allocated (allocator peak, stats reset before the block)"
         else:
-            self.method = "torch CPU allocator running total under torch.profiler(profile_memory=True): peak above the block's start"
+            self.method = ("torch CPU allocator running total under torch.profiler(profile_memory=True): "
+                           "peak above the block's start")
 
     def __enter__(self):
         gc.collect()
@@ -463,7 +466,8 @@ class ProcessPeakRSS:
         gc.collect()
         resettable = _reset_rss_peak()
         self.method = ("process peak RSS: /proc/self/status VmHWM, reset via /proc/self/clear_refs" if resettable
-                       else "process peak RSS: resource.getrusage ru_maxrss (not resettable: peak over the whole process)")
+                       else "process peak RSS: resource.getrusage ru_maxrss "
+                            "(not resettable: peak over the whole process)")
         self.before = _rss_bytes()
         return self
 

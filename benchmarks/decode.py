@@ -100,8 +100,8 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
     llama(torch.randint(1, 100, (1, context)), cache=cache)
     with DispatchTally() as tally:
         llama(torch.randint(1, 100, (1, 1)), cache=cache, position_ids=torch.tensor([[context]]))
-    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1, "aten_ops": tally.ops,
-                 "compute_ops": tally.compute_ops})
+    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1,
+                 "aten_ops": tally.ops, "compute_ops": tally.compute_ops})
     return rows
 
 

@@ -161,7 +161,8 @@ def _parse_decode_rows(values: list[str], sizes: dict) -> list[tuple]:
             raise SystemExit(f"--decode-rows: {value!r} is not MODEL:BATCH:CONTEXT (e.g. melt:1:long, looplm:max:long, "
                              "melt:64:1024)")
         tokens = sizes[f"{context}_context"] if context in ("short", "long") else int(context)
-        plan.append((model, batch if batch == "max" else int(batch), tokens, "max batch" if batch == "max" else "batch"))
+        plan.append((model, batch if batch == "max" else int(batch), tokens,
+                     "max batch" if batch == "max" else "batch"))
     return plan
 
 
@@ -289,8 +290,8 @@ def run_part_process(key: str, cap: float, scratch: Path, args, device: torch.de
     # Installed (melt_benchmarks), the checkout's root need not be on sys.path, where `kernels/` would shadow
     # Hugging Face's `kernels` package: -P keeps it off. Run from a checkout (benchmarks), the root is needed.
     isolated = ["-P"] if module.startswith("melt_") and sys.version_info >= (3, 11) else []
-    cmd = [sys.executable, *isolated, "-m", module, "--run-part", key, "--part-file", str(part_file), "--cap-s", f"{cap:.1f}",
-           "--out", str(args.out), "--device", str(device), "--decode-path", args.decode_path]
+    cmd = [sys.executable, *isolated, "-m", module, "--run-part", key, "--part-file", str(part_file),
+           "--cap-s", f"{cap:.1f}", "--out", str(args.out), "--device", str(device), "--decode-path", args.decode_path]
     if args.dry_run:
         cmd.append("--dry-run")
     if args.decode_rows:
@@ -633,10 +634,10 @@ def _toy_kernel_rows(rec: Recorder, device: torch.device) -> None:
             mask = torch.ones(C, P + C, dtype=torch.bool, device=device).tril(P)
             variants = {
                 "melt_triton": lambda: naive_chunk_attention(q, k, v, kp, vp),
-                "sdpa_flash": lambda: F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2),
-                                                                     attn_mask=mask),
-                "cat_sdpa_flash": lambda: F.scaled_dot_product_attention(q, torch.cat([kp, k], 2), torch.cat([vp, v], 2),
-                                                                         attn_mask=mask),
+                "sdpa_flash": lambda: F.scaled_dot_product_attention(
+                    q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), attn_mask=mask),
+                "cat_sdpa_flash": lambda: F.scaled_dot_product_attention(
+                    q, torch.cat([kp, k], 2), torch.cat([vp, v], 2), attn_mask=mask),
             }
             for impl, fn in variants.items():
                 fwd = ms(fn)
@@ -1045,9 +1046,11 @@ def _section_tests(data: dict, report: dict) -> list[str]:
         bad = [r for r in rows if not r.get("ok")]
         total = sum(len(v) for v in configs.get("configs", {}).values())
         lines += [f"Autotune configurations ({total} across the 4 tuned kernels, {configs['dtype']}): "
-                  f"{len(rows) - len(bad)} of {len(rows)} (round, case) runs within tolerance of the fp32 reference.", ""]
-        lines += [f"- round {r['round']} {r['case']}: {r.get('error') or 'relative RMS %.2e' % r['max_relative_rms']} "
-                  f"with {r['configs']}" for r in bad[:10]]
+                  f"{len(rows) - len(bad)} of {len(rows)} (round, case) runs within tolerance of the fp32 "
+                  "reference.", ""]
+        for r in bad[:10]:
+            problem = r.get("error") or f"relative RMS {r['max_relative_rms']:.2e}"
+            lines.append(f"- round {r['round']} {r['case']}: {problem} with {r['configs']}")
         lines += [""] if bad else []
     return lines
 
@@ -1069,8 +1072,8 @@ def _section_kernels(data: dict, report: dict) -> list[str]:
         if not melt:
             continue
         ratio = lambda other, key: _num(other[key] / melt[key], 2) if other else "-"  # noqa: E731
-        rows.append([C, P, _num(melt["fwd_ms"], 4), ratio(sdpa, "fwd_ms"), ratio(cat, "fwd_ms"), _num(melt["bwd_ms"], 4),
-                     ratio(sdpa, "bwd_ms"), ratio(cat, "bwd_ms")])
+        rows.append([C, P, _num(melt["fwd_ms"], 4), ratio(sdpa, "fwd_ms"), ratio(cat, "fwd_ms"),
+                     _num(melt["bwd_ms"], 4), ratio(sdpa, "bwd_ms"), ratio(cat, "bwd_ms")])
     if rows:
         lines += ["Chunk attention (B=1, H=16, D=128, bf16 on GPU): MELT's time, and the others' time over MELT's "
                   "(> 1: MELT faster).", ""]
@@ -1085,7 +1088,8 @@ def _section_memory(data: dict, report: dict) -> list[str]:
              f"decode steps, {setup.get('dtype', '').replace('torch.', '')}", "",
              "KV held = `cache.nbytes()` (arithmetic); KV allocated = `cache.capacity_nbytes()` (its buffers); "
              "allocated after = `torch.cuda.memory_allocated` after prefill + decode; peak = "
-             "`torch.cuda.max_memory_allocated` over prefill and decode (CPU: the allocator's peak above the start). GB = 1e9 B.", ""]
+             "`torch.cuda.max_memory_allocated` over prefill and decode (CPU: the allocator's peak above the start). "
+             "GB = 1e9 B.", ""]
     rows = []
     for r in data.get("rows", []):
         if r.get("skipped"):
@@ -1123,7 +1127,8 @@ def _section_decode(data: dict, report: dict) -> list[str]:
                      _num(r.get("step_ms"), 2), _gb(floor), _num(achieved and achieved / 1e9, 0),
                      _num(copy and achieved and 100 * achieved / copy, 1), _num(r.get("prefill_and_first_token_s"), 2),
                      " ".join(f"{1e3 * s:.0f}" for s in r.get("warmup_step_s", [])) or "-", _gb(r.get("used_bytes")),
-                     "OOM" if r.get("oom") else "error" if r.get("error") else ("yes" if r.get("fits_budget") else "no")])
+                     "OOM" if r.get("oom") else "error" if r.get("error")
+                     else ("yes" if r.get("fits_budget") else "no")])
     lines += [f"GB/step: the least bytes a step reads (`benchmarks.common.decode_bytes_per_step`: weights once per "
               f"loop, one row per layer per context token per loop, arithmetic); GB/s = that over the step's time; "
               f"% copy = GB/s over the best device-copy bandwidth part b measured "
@@ -1225,11 +1230,13 @@ def _plot_memory(datas: dict, report: dict):
             if r.get("skipped") or "weights_bytes" not in r:
                 continue
             last = r.get("decode") or r.get("prefill") or {}
-            peaks = [s.get("alloc_peak_bytes") for s in (r.get("prefill"), r.get("decode")) if s and s.get("alloc_peak_bytes")]
-            deltas = [s.get("alloc_peak_delta_bytes") or 0 for s in (r.get("prefill"), r.get("decode")) if s]
+            stages = (r.get("prefill"), r.get("decode"))
+            peaks = [s.get("alloc_peak_bytes") for s in stages if s and s.get("alloc_peak_bytes")]
+            deltas = [s.get("alloc_peak_delta_bytes") or 0 for s in stages if s]
             peak = max(peaks) if peaks else (r["weights_bytes"] + max(deltas) if deltas else None)
-            groups.append((f"{key}. {data['setup']['preset']}\n{r['model']}", r["weights_bytes"], last.get("cache_nbytes"),
-                           last.get("cache_capacity_nbytes"), peak, r.get("published_total_gb")))
+            groups.append((f"{key}. {data['setup']['preset']}\n{r['model']}", r["weights_bytes"],
+                           last.get("cache_nbytes"), last.get("cache_capacity_nbytes"), peak,
+                           r.get("published_total_gb")))
     if not groups:
         return None
     fig, axes = common.new_figure(ncols=1, width=max(6.0, 1.6 * len(groups)))

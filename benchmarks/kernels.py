@@ -64,7 +64,7 @@ def bench_gated_update() -> list[dict]:
             ms = _bench_ms(fn)
             # A clone reads and writes its size: clone half the bytes to move the same total.
             buf = torch.empty(moved // 2, device="cuda", dtype=torch.uint8)
-            copy_ms = _bench_ms(lambda: buf.clone())
+            copy_ms = _bench_ms(buf.clone)
             rows.append(
                 {
                     "op": "gated_update",
@@ -129,7 +129,7 @@ def bench_chunk_attention() -> list[dict]:
             fwd_ms = _bench_ms(lambda: fn(*inputs))
             leaves = [leaf(t) for t in inputs]
             out = fn(*leaves)
-            bwd_ms = _bench_ms(lambda: out.backward(do, retain_graph=True))
+            bwd_ms = _bench_ms(lambda out=out: out.backward(do, retain_graph=True))
             rows.append(
                 {
                     "op": "chunk_attention",

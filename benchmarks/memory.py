@@ -30,7 +30,6 @@ import argparse
 import gc
 
 import matplotlib.ticker
-
 import torch
 
 from . import common
@@ -82,7 +81,8 @@ def measure_kv(net, context: int, num_loops: int, device: torch.device) -> dict 
         with torch.no_grad():
             out = net(ids, use_cache=True, num_loops=num_loops, logits_to_keep=1)
         cache = out.cache
-        result = {"nbytes": cache.nbytes(), "capacity_nbytes": cache.capacity_nbytes(), "tokens": cache.get_seq_length()}
+        result = {"nbytes": cache.nbytes(), "capacity_nbytes": cache.capacity_nbytes(),
+                  "tokens": cache.get_seq_length()}
     except torch.OutOfMemoryError:
         result = None
     del ids
@@ -126,7 +126,8 @@ def generation_peak(net, model: str, preset: str, prompt: int, new_tokens: int, 
     ids = torch.randint(1, net.config.vocab_size, (1, prompt), device=device)
     num_loops = net.config.num_loops
     # The cache holds prompt + new_tokens - 1 tokens: the last generated token is never fed back.
-    analytic_kv = common.kv_bytes_per_token(common.model_kwargs(preset, model), num_loops, dtype) * (prompt + new_tokens - 1)
+    kv_per_token = common.kv_bytes_per_token(common.model_kwargs(preset, model), num_loops, dtype)
+    analytic_kv = kv_per_token * (prompt + new_tokens - 1)
     row = {"model": model, "num_loops": num_loops, "prompt_tokens": prompt, "new_tokens": new_tokens,
            "weights_bytes": weights, "analytic_kv_bytes": analytic_kv}
     try:
@@ -153,7 +154,8 @@ def context_memory(net, context: int, decode_tokens: int, device: torch.device, 
     static = common.supports_static_cache(net) if static is None else static
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
     row = {"context": context, "decode_tokens": decode_tokens, "batch": batch, "num_loops": net.config.num_loops,
-           "cache_mode": net.config.cache_mode, "cache": "preallocated (new_cache(max_cache_len))" if static else "dynamic",
+           "cache_mode": net.config.cache_mode,
+           "cache": "preallocated (new_cache(max_cache_len))" if static else "dynamic",
            "weights_bytes": weights, "oom": None}
     if device.type == "cuda":
         row["allocated_before_bytes"] = torch.cuda.memory_allocated(device)
@@ -234,10 +236,10 @@ def published_comparison(measured: dict) -> dict:
     peaks = [stage["alloc_peak_bytes"] for stage in (measured.get("prefill"), measured.get("decode"))
              if stage and stage.get("alloc_peak_bytes") is not None]
     gb = lambda v: None if v is None else v / 1e9  # noqa: E731
+    after = "prefill + decode" if measured.get("decode") else "prefill only" if measured.get("prefill") else None
     return {"held_kv_gb": gb(last.get("cache_nbytes")), "allocated_kv_gb": gb(last.get("cache_capacity_nbytes")),
-            "allocated_total_gb": gb(last.get("allocated_after_bytes")), "alloc_peak_gb": gb(max(peaks) if peaks else None),
-            "after": "prefill + decode" if measured.get("decode") else "prefill only" if measured.get("prefill") else None,
-            "oom": measured.get("oom")}
+            "allocated_total_gb": gb(last.get("allocated_after_bytes")),
+            "alloc_peak_gb": gb(max(peaks) if peaks else None), "after": after, "oom": measured.get("oom")}
 
 
 # -- reporting -----------------------------------------------------------------------------------------------------
@@ -258,7 +260,8 @@ def summarize(rows: list[dict], loops) -> dict:
         "melt_kv_max_relative_spread_over_loops": (
             (max(melt_known) - min(melt_known)) / min(melt_known) if melt_known else None),
         "looplm_over_melt_bytes_by_loops": {
-            str(t): (l / m if l is not None and m else None) for t, m, l in zip(loops, melt, loop)},
+            str(t): (looplm_bytes / melt_bytes if looplm_bytes is not None and melt_bytes else None)
+            for t, melt_bytes, looplm_bytes in zip(loops, melt, loop)},
         "standard_measured_bytes_per_token": per_token("standard", 1, "measured_bytes_per_token"),
     }
     summary["goal_melt_kv_constant_within_1pct"] = (
@@ -278,7 +281,8 @@ def plot(rows: list[dict], loops, fixed_loops: int, fixed_context: int, title: s
     scale, unit = _unit(rows)
     for model in common.MODELS:
         model_loops = 1 if model == "standard" else fixed_loops
-        sel = sorted((r for r in rows if r["model"] == model and r["num_loops"] == model_loops), key=lambda r: r["context"])
+        sel = sorted((r for r in rows if r["model"] == model and r["num_loops"] == model_loops),
+                     key=lambda r: r["context"])
         label = f"{common.MODEL_LABELS[model]}, {model_loops} loop{'s' if model_loops > 1 else ''}"
         color = common.MODEL_COLORS[model]
         # The standard model's bytes equal MELT's: dashed line and crosses so that both stay visible.
@@ -300,7 +304,8 @@ def plot(rows: list[dict], loops, fixed_loops: int, fixed_context: int, title: s
 
     for model in common.MODELS:
         color = common.MODEL_COLORS[model]
-        sel = sorted((r for r in rows if r["model"] == model and r["context"] == fixed_context), key=lambda r: r["num_loops"])
+        sel = sorted((r for r in rows if r["model"] == model and r["context"] == fixed_context),
+                     key=lambda r: r["num_loops"])
         if model == "standard":
             if sel:
                 ax_loops.axhline(sel[0]["analytic_bytes"] / scale, color=color, ls="--",
@@ -331,39 +336,48 @@ def print_report(payload: dict) -> None:
         for r in rows if r["context"] == largest
     ]
     common.print_table(
-        per_token_rows, ["model", "num_loops", "analytic_bytes_per_token", "measured_bytes_per_token", "looplm_over_melt"],
+        per_token_rows,
+        ["model", "num_loops", "analytic_bytes_per_token", "measured_bytes_per_token", "looplm_over_melt"],
         ["model", "loops", "analytic B/token", "held B/token (nbytes)", "LoopLM / MELT"],
         title=f"KV bytes per token (held at {largest} tokens, batch 1, {payload['dtype']})")
     fixed = payload["fixed_loops"]
-    ctx_rows = [{**r, "analytic": common.human_bytes(r["analytic_bytes"]), "held": common.human_bytes(r["measured_bytes"]),
+    ctx_rows = [{**r, "analytic": common.human_bytes(r["analytic_bytes"]),
+                 "held": common.human_bytes(r["measured_bytes"]),
                  "allocated": common.human_bytes(r.get("measured_capacity_bytes")),
                  "match": None if r["measured_bytes"] is None else r["measured_bytes"] == r["analytic_bytes"]}
                 for r in rows if r["num_loops"] == (1 if r["model"] == "standard" else fixed)]
     common.print_table(ctx_rows, ["model", "num_loops", "context", "analytic", "held", "match", "allocated"],
                        ["model", "loops", "context", "analytic", "held (nbytes)", "held = analytic",
                         "allocated (capacity_nbytes)"],
-                       title=f"KV cache by context ({fixed} loops; standard: 1); every (model, loops, context) row is in the JSON")
+                       title=f"KV cache by context ({fixed} loops; standard: 1); "
+                             "every (model, loops, context) row is in the JSON")
     first = payload["generation"][0]
     gen, columns, headers = common.memory_table(
-        [{**r, "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]), "weights": common.human_bytes(r["weights_bytes"])}
+        [{**r, "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]),
+          "weights": common.human_bytes(r["weights_bytes"])}
          for r in payload["generation"]],
-        ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated", "alloc_delta"],
+        ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated",
+         "alloc_delta"],
         ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV held (nbytes)", "KV allocated (capacity)",
          "allocator peak - before"], first)
     notes = f"allocator: {first.get('alloc_method')}"
     if first.get("process_method"):
         notes += f"; {first['process_method']} (whole process: interpreter, libraries, freed-but-kept memory)"
     common.print_table(gen, columns, headers, title=f"Memory of a generation ({notes})")
-    common.print_table(payload["published"], ["model", "context", "num_loops", "analytic_kv_gb", "held_kv_gb", "allocated_kv_gb",
-                                              "published_kv_gb", "analytic_total_gb", "allocated_total_gb", "alloc_peak_gb",
-                                              "published_total_gb"],
-                       ["model", "tokens", "loops", "KV analytic GB", "KV held GB", "KV allocated GB", "KV published GB",
-                        "total analytic GB", "total allocated GB", "allocator peak GB", "total published GB"],
-                       title="Ouro-1.4B shape, bf16, 32,000 tokens (published row, MELT_SPEC section 6; allocator-measured on "
-                             "GPU only: memory_allocated after prefill + decode, max_memory_allocated over both)")
+    common.print_table(payload["published"],
+                       ["model", "context", "num_loops", "analytic_kv_gb", "held_kv_gb", "allocated_kv_gb",
+                        "published_kv_gb", "analytic_total_gb", "allocated_total_gb", "alloc_peak_gb",
+                        "published_total_gb"],
+                       ["model", "tokens", "loops", "KV analytic GB", "KV held GB", "KV allocated GB",
+                        "KV published GB", "total analytic GB", "total allocated GB", "allocator peak GB",
+                        "total published GB"],
+                       title="Ouro-1.4B shape, bf16, 32,000 tokens (published row, MELT_SPEC section 6; "
+                             "allocator-measured on GPU only: memory_allocated after prefill + decode, "
+                             "max_memory_allocated over both)")
     s = payload["summary"]
     print(f"MELT KV spread over loops {loops}: {s['melt_kv_max_relative_spread_over_loops']}  "
-          f"(goal <= 1%: {s['goal_melt_kv_constant_within_1pct']}); standard B/token {s['standard_measured_bytes_per_token']}")
+          f"(goal <= 1%: {s['goal_melt_kv_constant_within_1pct']}); "
+          f"standard B/token {s['standard_measured_bytes_per_token']}")
 
 
 def main(argv=None) -> dict:
@@ -406,10 +420,11 @@ def main(argv=None) -> dict:
         "notes": {
             "standard": "the standard transformer runs 1 loop by definition: one row per context, at num_loops 1",
             "published_context": "MELT_SPEC section 6 '32K' = 32,000 tokens, GB = 1e9 bytes",
-            "measured_bytes": "held: MeltCache.nbytes() after a real forward (batch 1, random weights), the cache's own "
-                              "arithmetic (rows held x row bytes), not an allocation; None = did not fit",
+            "measured_bytes": "held: MeltCache.nbytes() after a real forward (batch 1, random weights), the cache's "
+                              "own arithmetic (rows held x row bytes), not an allocation; None = did not fit",
             "measured_capacity_bytes": "allocated buffers: MeltCache.capacity_nbytes(), spare capacity included",
-            "generation": "alloc_*: measured by the allocator (see alloc_method); process_*: the whole process's peak RSS",
+            "generation": "alloc_*: measured by the allocator (see alloc_method); "
+                          "process_*: the whole process's peak RSS",
         },
     }
     json_path, png_path = common.result_paths("memory", preset, device, args.out_dir)

@@ -38,8 +38,8 @@ while choosing the task; the numbers are in README).
 
 Results: a table (mean +- std over seeds, and the min-max) on stdout, `reproduce_<preset>_<device>.json`
 and `.png` under `runs/benchmarks/` (or --out-dir; committed results: `benchmarks/results/`). Trained models
-are cached in the run directory (`--run-dir`, default `runs/reproduce-<preset>` at the repository root): a rerun with the same recipe reuses
-them, a changed recipe starts over. The run directory also holds the converter's logs.
+are cached in the run directory (`--run-dir`, default `runs/reproduce-<preset>` at the repository root): a rerun
+with the same recipe reuses them, a changed recipe starts over. The run directory also holds the converter's logs.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multiply every training step count (pretraining and both converter phases)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1; smoke: 0)")
     parser.add_argument("--out-dir", type=Path,
-                        help="directory for the JSON and PNG (default runs/benchmarks; committed results: benchmarks/results)")
+                        help="directory for the JSON and PNG "
+                             "(default runs/benchmarks; committed results: benchmarks/results)")
     parser.add_argument("--run-dir", type=Path, help="trained models and logs (default runs/reproduce-<preset>)")
     parser.add_argument("--jobs", type=int,
                         help="seeds trained at once, each in its own process (default: min(seeds, CPU cores))")
@@ -190,8 +191,11 @@ def build_data(recipe: Recipe, seed: int, seed_dir: Path, tokenizer) -> dict:
         "train_rows": pack_sequences([r["text"] for r in records], tokenizer, recipe.seq_len, seed),  # [N, L]
         "heldout_rows": heldout[: recipe.heldout_rows],  # [K, L]
         "problems": problems,
-        "contexts": [render_depth_document(shots[i * CONTEXT_PROBLEMS : i * CONTEXT_PROBLEMS + i % (CONTEXT_PROBLEMS + 1)])
-                     + "\n" * bool(i % (CONTEXT_PROBLEMS + 1)) for i in range(len(problems))],
+        "contexts": [
+            render_depth_document(shots[i * CONTEXT_PROBLEMS : i * CONTEXT_PROBLEMS + i % (CONTEXT_PROBLEMS + 1)])
+            + "\n" * bool(i % (CONTEXT_PROBLEMS + 1))
+            for i in range(len(problems))
+        ],
     }
 
 
@@ -334,12 +338,13 @@ def run_seed(recipe: Recipe, seed: int, run_dir: Path, tokenizer) -> dict:
         return path
 
     for name, loops in (("standard", 1), ("looplm", 4)):
-        path = load_or_train(name, lambda out, loops=loops: pretrain(data["train_rows"], loops, recipe, seed, tokenizer, out))
+        path = load_or_train(
+            name, lambda out, loops=loops: pretrain(data["train_rows"], loops, recipe, seed, tokenizer, out))
         results[name] = evaluate(MeltForCausalLM.from_ouro(str(path), cache_mode="per_loop").eval(), data, tokenizer)
     looplm_dir = seed_dir / "looplm"
     for name, extra in CONVERSIONS.items():
-        path = load_or_train(name, lambda out, extra=extra: convert(looplm_dir, data["corpus"], out, extra, recipe, seed,
-                                                                     seed_dir / "convert.log"))
+        path = load_or_train(name, lambda out, extra=extra: convert(looplm_dir, data["corpus"], out, extra, recipe,
+                                                                     seed, seed_dir / "convert.log"))
         model = MeltForCausalLM.from_pretrained(path).eval()
         model.config.chunk_size = recipe.chunk_size  # one inference chunk size for every MELT model
         results[name] = evaluate(model, data, tokenizer)
@@ -423,7 +428,8 @@ def plot(summary: dict, seeds: list[int], path: Path, title: str) -> Path:
     labels = list(ROWS)
     colors = [GROUP_COLORS[ROW_GROUPS[row]] for row in labels]
     y = list(range(len(labels)))
-    panels = (("accuracy", f"task accuracy (test split, depths {DEPTHS[0]}-{DEPTHS[-1]})"), ("heldout_loss", "held-out LM loss (nats/token)"),
+    panels = (("accuracy", f"task accuracy (test split, depths {DEPTHS[0]}-{DEPTHS[-1]})"),
+              ("heldout_loss", "held-out LM loss (nats/token)"),
               ("kv_bytes_per_token", "KV cache bytes per token (measured)"))
     for ax, (metric, name) in zip(axes[0], panels):
         means = [summary[row][metric]["mean"] for row in labels]
@@ -518,7 +524,8 @@ def _run(args: argparse.Namespace, recipe: Recipe) -> dict:
     wall = time.time() - started
     depth_columns = [f"d{d}" for d in DEPTHS]
     common.print_table(table_rows(summary),
-                       ["model", "accuracy", "acc min-max", "heldout loss", "loss min-max", "KV B/token", *depth_columns],
+                       ["model", "accuracy", "acc min-max", "heldout loss", "loss min-max", "KV B/token",
+                        *depth_columns],
                        title=f"reproduce ({args.preset}, seeds {seeds}; accuracy and loss: mean ± std; "
                              f"d{DEPTHS[0]}-d{DEPTHS[-1]}: accuracy per depth, mean over seeds)")
     print("expected orderings (paper), on the seed means:")
@@ -528,7 +535,8 @@ def _run(args: argparse.Namespace, recipe: Recipe) -> dict:
     json_path, png_path = common.result_paths("reproduce", args.preset, device, args.out_dir)
     payload = {
         "benchmark": "reproduce", "preset": args.preset, "seeds": seeds, "recipe": asdict(recipe),
-        "steps_scale": args.steps_scale, "threads": args.threads, "jobs": jobs, "task_form": TASK_FORM, "depths": list(DEPTHS), "wall_seconds": round(wall, 1),
+        "steps_scale": args.steps_scale, "threads": args.threads, "jobs": jobs, "task_form": TASK_FORM,
+        "depths": list(DEPTHS), "wall_seconds": round(wall, 1),
         "machine": common.machine_info(device), "summary": summary, "orderings": checks,
         "per_seed": {str(s): v for s, v in per_seed.items()},
     }

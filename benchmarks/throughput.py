@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", help="directory for the JSON and PNG (default runs/benchmarks; committed results: "
                         "benchmarks/results)")
     parser.add_argument("--batches", nargs="+", type=int, default=list(DECODE_BATCHES), help="decode batch sizes")
-    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=list(CHUNK_SIZES), help="MELT prefill chunk sizes")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=list(CHUNK_SIZES),
+                        help="MELT prefill chunk sizes")
     parser.add_argument("--decode-context", type=parse_tokens)
     parser.add_argument("--decode-steps", type=int)
     parser.add_argument("--prefill-tokens", type=parse_tokens)
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-gb", type=float, help="memory budget (1e9 bytes) for the max-batch row")
     parser.add_argument("--budget-context", type=parse_tokens, help="context of the max-batch row (tiny 2K, else 32K)")
     parser.add_argument("--max-batch-cap", type=int, default=256,
-                        help="largest batch actually run for the max-batch throughput (the analytic batch is reported uncapped)")
+                        help="largest batch actually run for the max-batch throughput "
+                             "(the analytic batch is reported uncapped)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="checkpoint layers in the training step")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
@@ -108,7 +110,8 @@ def decode_rate(net, batch: int, context: int, steps: int, device: torch.device,
             row.update(probe)
             row.update({"cache_nbytes": cache.nbytes(), "cache_capacity_nbytes": cache.capacity_nbytes()})
         timing = common.time_call(run, device, warmup, repeats, setup=lambda: cache.crop(context))
-    return {"tokens_per_s": batch * steps / timing["median_s"], "step_ms": 1e3 * timing["median_s"] / steps, **row, **timing}
+    return {"tokens_per_s": batch * steps / timing["median_s"], "step_ms": 1e3 * timing["median_s"] / steps,
+            **row, **timing}
 
 
 def prefill_rate(net, tokens: int, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -178,7 +181,8 @@ def run(args, device: torch.device) -> dict:
         loops = net.config.num_loops
         for batch in args.batches:
             row = _guard(decode_rate, net, batch, opts["decode_context"], opts["decode_steps"], device, warmup, repeats)
-            decode.append({"model": model, "num_loops": loops, "batch": batch, "context": opts["decode_context"], **row})
+            decode.append({"model": model, "num_loops": loops, "batch": batch, "context": opts["decode_context"],
+                           **row})
 
         if model == "melt":
             for chunk in args.chunk_sizes:
@@ -194,7 +198,8 @@ def run(args, device: torch.device) -> dict:
                     kv_loops.append({"num_loops": t, "nbytes": net(ids, num_loops=t, logits_to_keep=1).cache.nbytes()})
         else:
             row = _guard(prefill_rate, net, opts["prefill_tokens"], device, warmup, repeats)
-            prefill.append({"model": model, "mode": "parallel", "chunk_size": None, "tokens": opts["prefill_tokens"], **row})
+            prefill.append({"model": model, "mode": "parallel", "chunk_size": None, "tokens": opts["prefill_tokens"],
+                            **row})
 
         if args.grad_checkpointing:
             net.gradient_checkpointing_enable()
@@ -210,7 +215,8 @@ def run(args, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # Prefill and decode of the whole batch under the allocator's peak statistics.
-            row = _guard(decode_rate, net, run_batch, budget_context, 2, device, 1, max(1, repeats - 2), measure_memory=False)
+            row = _guard(decode_rate, net, run_batch, budget_context, 2, device, 1, max(1, repeats - 2),
+                         measure_memory=False)
             fit["decode_tokens_per_s"] = row.get("tokens_per_s")
             fit["decode_step_ms"] = row.get("step_ms")
             if device.type == "cuda":
@@ -291,8 +297,9 @@ def plot(result: dict, title: str):
          [common.MODEL_COLORS[r["model"]] for r in mb], "max batch",
          f"max batch in {result['options']['budget_gb']:g} GB at {result['options']['budget_context']} tokens")
     tr = result["train"]
-    bars(ax_train, [r["model"] for r in tr], [r.get("median_s") for r in tr], [common.MODEL_COLORS[r["model"]] for r in tr],
-         "seconds per step", f"train step (fwd+bwd), {result['options']['train_tokens']} tokens, MELT chunk "
+    bars(ax_train, [r["model"] for r in tr], [r.get("median_s") for r in tr],
+         [common.MODEL_COLORS[r["model"]] for r in tr], "seconds per step",
+         f"train step (fwd+bwd), {result['options']['train_tokens']} tokens, MELT chunk "
          f"{result['options']['train_chunk']}")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -317,9 +324,11 @@ def print_report(payload: dict) -> None:
                                         "max_batch_analytic", "batch_run", "decode_tokens_per_s", "verified_on_device"],
                        ["model", "loops", "context", "KV B/seq", "weights B", "max batch", "batch run", "tokens/s",
                         "verified (GPU)"],
-                       title=f"Largest batch in {r['options']['budget_gb']:g} GB (1e9 B), analytic: weights + batch x KV")
+                       title=f"Largest batch in {r['options']['budget_gb']:g} GB (1e9 B), "
+                             "analytic: weights + batch x KV")
     common.print_table(r["train"], ["model", "num_loops", "tokens", "chunk_size", "median_s", "tokens_per_s"],
-                       ["model", "loops", "tokens", "chunk", "s/step", "tokens/s"], title="Training step (forward + backward)")
+                       ["model", "loops", "tokens", "chunk", "s/step", "tokens/s"],
+                       title="Training step (forward + backward)")
     rows = [{"goal": k, **v} for k, v in payload["goals"].items()]
     common.print_table(rows, ["goal", "value", "target", "met"],
                        title=f"Goals (judged on a GPU; this run: {payload['machine']['device_name']}; not asserted)")
@@ -340,8 +349,9 @@ def main(argv=None) -> dict:
         "notes": {
             "timing": "median of repeats after warmup; torch.cuda.synchronize around each call on GPU",
             "decode_cache": "context from a real prefill (public cache API); each timed call restarts from it via crop",
-            "decode_memory": "cache_nbytes: rows held (arithmetic); cache_capacity_nbytes: buffers; alloc_*: allocator-measured "
-                             "(alloc_method); process_*: the whole process's peak RSS (CPU)",
+            "decode_memory": "cache_nbytes: rows held (arithmetic); cache_capacity_nbytes: buffers; "
+                             "alloc_*: allocator-measured (alloc_method); "
+                             "process_*: the whole process's peak RSS (CPU)",
             "max_batch": "analytic: floor((budget - weights) / KV per sequence); batch_run capped by --max-batch-cap",
         },
     }

@@ -175,7 +175,8 @@ def load_text_dataset(
             documents.append(text)
         elif chat is not None:
             if not isinstance(chat, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in chat
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in chat
             ):
                 raise ValueError(
                     f"record {index} of {source}: {MESSAGES_FIELD!r} must be a list of {{'role': str, 'content': str}} "

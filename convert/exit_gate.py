@@ -28,7 +28,8 @@ def exit_gate_loss(model, rows: torch.Tensor, k: float = 50.0, gamma: float = 0.
         out = model(rows, use_cache=False, return_loop_outputs=True)
         targets = rows[:, 1:].flatten()
         losses = torch.stack([
-            F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, reduction="none") for logits in out.loop_logits
+            F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, reduction="none")
+            for logits in out.loop_logits
         ])  # [T, B * (L - 1)]
         wanted = exit_gate_targets(losses, k, gamma)
     gate = model.model.early_exit_gate

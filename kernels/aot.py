@@ -79,7 +79,8 @@ def representative_launches(dtype: torch.dtype) -> list[tuple[str, bool, utils.L
         recorded.extend((case, heaviest, launch) for launch in launches)
 
     # Variants: head_dim x (key mask, per-sequence prefix lengths); the last is the heaviest.
-    variants = [(D, mask, lengths) for D in (64, 128) for mask, lengths in ((False, False), (True, False), (True, True))]
+    variants = [(D, mask, lengths) for D in (64, 128)
+                for mask, lengths in ((False, False), (True, False), (True, True))]
     for D, has_mask, has_lengths in variants:
         heaviest = (D, has_mask, has_lengths) == variants[-1]
         # Prefill: C = 128 queries over 1,024 prefix rows; decode: C = 1 over 4,096 rows, few

@@ -23,9 +23,8 @@ it never silently runs another one. `MELT_ATTENTION_BACKEND` (environment) overr
 
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import os
 
 import torch
@@ -75,7 +74,9 @@ def resolve_backend(configured: str, device: torch.device) -> str:
     """
     name = requested_backend(configured)
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r} (MELT_ATTENTION_BACKEND or config); choose one of {BACKENDS}")
+        raise ValueError(
+            f"unknown attention backend {name!r} (MELT_ATTENTION_BACKEND or config); choose one of {BACKENDS}"
+        )
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_chunk_attention is not None else "auto"
     if name == "triton" and triton_chunk_attention is None:

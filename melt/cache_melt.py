@@ -161,7 +161,8 @@ class MeltCacheLayer:
         key, value = self.keys[slot][:, :, :columns], self.values[slot][:, :, :columns]
         written = [w for w in self.written[slot] if w.index is not None or w.start < columns]
         if written and torch.is_grad_enabled():
-            key, value = _RoutedRows.apply(key, value, tuple(written), *(w.key for w in written), *(w.value for w in written))
+            key, value = _RoutedRows.apply(key, value, tuple(written), *(w.key for w in written),
+                                           *(w.value for w in written))
         return key, value
 
     def write(self, slot: int, key: torch.Tensor, value: torch.Tensor, start: int, index=None) -> None:
@@ -181,7 +182,8 @@ class MeltCacheLayer:
                     target[:, :, start : start + rows.shape[2]].copy_(rows)
                 else:
                     batch, slot_pos, column = index
-                    target.transpose(1, 2).index_put_((batch, column), rows.transpose(1, 2)[batch, slot_pos].to(target.dtype))
+                    picked = rows.transpose(1, 2)[batch, slot_pos].to(target.dtype)
+                    target.transpose(1, 2).index_put_((batch, column), picked)
         if tracked:
             self.written[slot].append(_Written(key, value, start, index))
 
@@ -251,7 +253,9 @@ class MeltCache(Cache):
         if self.cache_mode not in ("shared", "per_loop"):
             raise ValueError(f"MeltCache cache_mode must be 'shared' or 'per_loop', got {self.cache_mode!r}")
         if keep_loop_rows and self.cache_mode != "shared":
-            raise ValueError("MeltCache keep_loop_rows only applies to cache_mode='shared' (per_loop keeps them anyway)")
+            raise ValueError(
+                "MeltCache keep_loop_rows only applies to cache_mode='shared' (per_loop keeps them anyway)"
+            )
         if max_cache_len is not None:
             if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
                 raise ValueError(f"max_cache_len must be a positive int (tokens to preallocate), got {max_cache_len!r}")
@@ -361,7 +365,8 @@ class MeltCache(Cache):
         self.blend_alpha = blend
 
     def make_room(self, columns: int, like: torch.Tensor) -> None:
-        """Allocate (or grow to) room for `columns` columns, as this cache's policy says; `like` (`[B, kv_heads, *, head_dim]`) gives batch, dtype, device."""
+        """Allocate (or grow to) room for `columns` columns, as this cache's policy says; `like`
+        (`[B, kv_heads, *, head_dim]`) gives batch, dtype, device."""
         layers = self.layers
         if self.max_cache_len is not None:
             if columns > self.max_cache_len:
@@ -408,7 +413,8 @@ class MeltCache(Cache):
             if blend is not None:
                 for loop, rows in enumerate(blend_rows):
                     (k_loop, v_loop) = rows[idx]
-                    layer.write(self._loop_slot(loop), torch.lerp(k_loop, key, blend), torch.lerp(v_loop, value, blend), *at)
+                    layer.write(self._loop_slot(loop), torch.lerp(k_loop, key, blend), torch.lerp(v_loop, value, blend),
+                                *at)
 
     def end_call(self, columns: int) -> None:
         """The call wrote columns up to `columns`."""

@@ -99,7 +99,8 @@ class MeltConfig(PreTrainedConfig):
             hint = (
                 f"convert it with MeltForCausalLM.from_ouro({str(pretrained_model_name_or_path)!r}) or "
                 f"`python -m convert.from_ouro --ouro {pretrained_model_name_or_path} --data ... --out ...`"
-                if found == "ouro" else "pass a MELT checkpoint (a directory written by save_pretrained or convert.from_ouro)"
+                if found == "ouro"
+                else "pass a MELT checkpoint (a directory written by save_pretrained or convert.from_ouro)"
             )
             raise ValueError(
                 f"{pretrained_model_name_or_path} is not a MELT checkpoint: its config.json has model_type {found!r}, "

@@ -7,6 +7,7 @@ runs one sequence chunk by chunk, loop by loop, layer by layer, keeping the cach
 import math
 
 import torch
+
 from ouro_reference import _rms, _rope
 
 
@@ -40,7 +41,8 @@ def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chun
     """
     assert sum(chunks) == ids.shape[0]
     assert exit_threshold is None or set(chunks) == {1}
-    n_layers, heads, kv_heads, dim = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n_layers, heads, kv_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dim = cfg["head_dim"]
     eps, gate_type = cfg["rms_norm_eps"], cfg["gate_type"]
     final_k = [[] for _ in range(n_layers)]  # per layer: one row [kv_heads, D] per token, in order
     final_v = [[] for _ in range(n_layers)]
@@ -61,7 +63,7 @@ def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chun
                 a = _rms(h, state[p + "input_layernorm.weight"], eps)
                 s = latents[layer] = _latent(gate_type, loop, a, latents[layer], p, state, cfg["ema_decay"])
 
-                def project(x, name, heads_of):
+                def project(x, name, heads_of, p=p, size=size):  # binds this layer's prefix and chunk size
                     return (x @ state[p + f"self_attn.{name}_proj.weight"].T).view(size, heads_of, dim).transpose(0, 1)
 
                 q = _rope(project(a, "q", heads), cos, sin)
@@ -89,7 +91,8 @@ def melt_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int, chun
             h = _rms(h, state["model.norm.weight"], eps)
             ran += 1
             if exit_threshold is not None:
-                hazard = torch.sigmoid(h @ state["model.early_exit_gate.weight"].T + state["model.early_exit_gate.bias"]).item()
+                gate_logit = h @ state["model.early_exit_gate.weight"].T + state["model.early_exit_gate.bias"]
+                hazard = torch.sigmoid(gate_logit).item()
                 cumulative += survive if loop == num_loops - 1 else hazard * survive
                 survive *= 1 - hazard
                 if cumulative >= exit_threshold:

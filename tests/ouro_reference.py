@@ -22,7 +22,8 @@ def _rope(x, cos, sin):  # x [H, L, D]
 
 def ouro_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int):
     """ids `[L]` -> (per-loop logits `[T, L, V]`, exit logits `[T, L]`)."""
-    n_layers, heads, kv_heads, dim = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    n_layers, heads, kv_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dim = cfg["head_dim"]
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
     length = ids.shape[0]
     pos = torch.arange(length, dtype=torch.float32)
@@ -47,11 +48,13 @@ def ouro_forward(state: dict, cfg: dict, ids: torch.Tensor, num_loops: int):
             o = att.transpose(0, 1).reshape(length, heads * dim) @ state[p + "self_attn.o_proj.weight"].T
             h = h + _rms(o, state[p + "input_layernorm_2.weight"], eps)
             m = _rms(h, state[p + "post_attention_layernorm.weight"], eps)
-            mlp = (torch.nn.functional.silu(m @ state[p + "mlp.gate_proj.weight"].T) * (m @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
+            gate = torch.nn.functional.silu(m @ state[p + "mlp.gate_proj.weight"].T)
+            mlp = (gate * (m @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
             h = h + _rms(mlp, state[p + "post_attention_layernorm_2.weight"], eps)
         h = _rms(h, state["model.norm.weight"], eps)
         all_logits.append(h @ state["lm_head.weight"].T)
-        exit_logits.append((h @ state["model.early_exit_gate.weight"].T).squeeze(-1) + state["model.early_exit_gate.bias"])
+        exit_logits.append((h @ state["model.early_exit_gate.weight"].T).squeeze(-1)
+                           + state["model.early_exit_gate.bias"])
     return torch.stack(all_logits), torch.stack(exit_logits)
 
 

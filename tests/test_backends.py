@@ -42,7 +42,8 @@ def test_backends_agree_on_logits_and_gradients(setup, backend, monkeypatch):
     model, ids, mask, (ref_logits, ref_grads) = setup
     reference_calls = []
     original = triton_impl.naive_chunk_attention
-    monkeypatch.setattr(triton_impl, "naive_chunk_attention", lambda *a, **k: reference_calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(triton_impl, "naive_chunk_attention",
+                        lambda *a, **k: reference_calls.append(1) or original(*a, **k))
     logits, grads = _run(model, ids, mask, backend)
     assert not reference_calls, "the triton backend fell back to the reference: the kernels were not exercised"
     assert (logits - ref_logits).abs().max() < 1e-4
@@ -167,7 +168,8 @@ def test_eager_prefix_lengths_compile_fullgraph():
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     lengths = torch.tensor([0, 4, 9])
-    assert (compiled(q, k, v, k_buf, v_buf, key_mask, lengths) - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+    out = compiled(q, k, v, k_buf, v_buf, key_mask, lengths)
+    assert (out - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
     # New lengths are data, not shapes: the same graph serves them.
     lengths = torch.tensor([3, 3, 1])
     with torch.compiler.set_stance("fail_on_recompile"):

@@ -57,7 +57,8 @@ def test_memory_bytes_melt_constant_looplm_linear_standard_equal(memory_run):
             assert by["looplm", t, c]["measured_bytes"] == t * base
             assert by["melt", t, c]["measured_bytes"] == by["melt", t, c]["analytic_bytes"]
             assert by["looplm", t, c]["measured_bytes"] == by["looplm", t, c]["analytic_bytes"]
-    assert by["standard", 1, CONTEXTS[0]]["measured_bytes_per_token"] == by["melt", 4, CONTEXTS[0]]["measured_bytes_per_token"]
+    assert (by["standard", 1, CONTEXTS[0]]["measured_bytes_per_token"]
+            == by["melt", 4, CONTEXTS[0]]["measured_bytes_per_token"])
     summary = _load(memory_run[0])["summary"]
     assert summary["melt_kv_max_relative_spread_over_loops"] == 0
 
@@ -82,7 +83,8 @@ def test_memory_generation_reports_allocations_for_every_model(memory_run):
 
 def test_table_cells_are_readable():
     assert common._cell(16384.0) == "16,384" and common._cell(32768) == "32,768" and common._cell(1024) == "1024"
-    assert common._cell(0.1234567) == "0.1235" and common._cell(123.456) == "123.5" and common._cell(2.5e-5) == "2.50e-05"
+    assert common._cell(0.1234567) == "0.1235" and common._cell(123.456) == "123.5"
+    assert common._cell(2.5e-5) == "2.50e-05"
     assert "e+" not in common.format_table([{"x": 1.638e4}], ["x"])
 
 
@@ -111,9 +113,9 @@ def test_cpu_allocation_peak_counts_what_the_block_allocates():
 def test_throughput_json_has_every_row(tmp_path):
     batches, chunks = [1, 2], [1, 8, 500]
     args = ["--preset", "tiny", "--device", "cpu", "--out-dir", str(tmp_path), "--batches", *map(str, batches),
-            "--chunk-sizes", *map(str, chunks), "--decode-context", "16", "--decode-steps", "2", "--prefill-tokens", "32",
-            "--prefill-tokens-chunk1", "4", "--train-tokens", "24", "--train-chunk", "8", "--budget-context", "256",
-            "--budget-gb", "0.01", "--warmup", "0", "--repeats", "1"]
+            "--chunk-sizes", *map(str, chunks), "--decode-context", "16", "--decode-steps", "2",
+            "--prefill-tokens", "32", "--prefill-tokens-chunk1", "4", "--train-tokens", "24", "--train-chunk", "8",
+            "--budget-context", "256", "--budget-gb", "0.01", "--warmup", "0", "--repeats", "1"]
     payload = throughput.main(args)
     data = _load(payload)["result"]
     assert Path(payload["files"]["png"]).stat().st_size > 10_000

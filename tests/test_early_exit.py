@@ -42,7 +42,8 @@ def test_generate_with_threshold_zero_equals_one_loop_and_one_equals_all():
     model = exiting_model(chunk_size=2)
     ids = torch.randint(1, 61, (2, 5))
     common = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids, early_exit_threshold=0.0, **common), model.generate(ids, num_loops=1, **common))
+    assert torch.equal(model.generate(ids, early_exit_threshold=0.0, **common),
+                       model.generate(ids, num_loops=1, **common))
     assert torch.equal(model.generate(ids, early_exit_threshold=1.0, **common), model.generate(ids, **common))
     beams = dict(common, num_beams=2)
     assert torch.equal(model.generate(ids, early_exit_threshold=1.0, **beams), model.generate(ids, **beams))
@@ -63,7 +64,8 @@ def test_decode_with_early_exit_equals_the_per_token_reference(threshold, preall
     loops_run = torch.cat([s.loops_run for s in steps], dim=1)[0]
     ran = []
     cfg = model.config.to_dict()
-    expected = melt_forward(model.state_dict(), cfg, ids[0], 3, chunks_of(12, 1), exit_threshold=threshold, loops_run=ran)
+    expected = melt_forward(model.state_dict(), cfg, ids[0], 3, chunks_of(12, 1), exit_threshold=threshold,
+                            loops_run=ran)
     assert loops_run.tolist() == ran and len(set(ran)) > 1  # tokens exit at different loops
     assert (logits - expected).abs().max() < ATOL
 
@@ -97,8 +99,8 @@ def test_adaptive_benchmark_sweeps_thresholds_against_fewer_loops(tmp_path):
 
     model_dir = tmp_path / "melt"
     from_ouro.run(["--out", str(model_dir), "--phase1-steps", "1", "--phase2-steps", "1", "--holdout", "4"])
-    payload = adaptive.main(["--model", str(model_dir), "--thresholds", "1.0", "0.5", "0.0", "--rows", "2", "--decode-steps", "2",
-                             "--out-dir", str(tmp_path)])
+    payload = adaptive.main(["--model", str(model_dir), "--thresholds", "1.0", "0.5", "0.0", "--rows", "2",
+                             "--decode-steps", "2", "--out-dir", str(tmp_path)])
     rows = {(r["model"], r["how"], r.get("threshold", r.get("num_loops"))): r for r in payload["results"]}
     for model in ("melt", "looplm"):
         assert rows[(model, "early exit", 1.0)]["avg_loops"] == 4 and rows[(model, "early exit", 0.0)]["avg_loops"] == 1
@@ -138,7 +140,8 @@ def test_converter_fits_the_exit_gate_when_asked(tmp_path):
     common = ["--phase1-steps", "1", "--phase2-steps", "1", "--holdout", "4"]
     from_ouro.run(["--out", str(tmp_path / "plain"), *common])
     from_ouro.run(["--out", str(tmp_path / "gated"), *common, "--exit-gate-steps", "3"])
-    plain, gated = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "gated" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    gated = load_file(tmp_path / "gated" / "model.safetensors")
     teacher = load_file(ASSETS_DIR / "tiny-ouro" / "model.safetensors")
     gate = "model.early_exit_gate.weight"
     assert torch.equal(plain[gate], teacher[gate]) and not torch.equal(gated[gate], teacher[gate])

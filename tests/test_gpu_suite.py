@@ -147,7 +147,8 @@ def test_decode_rows_say_which_path_ran_not_only_which_was_asked(monkeypatch):
 
 
 def test_progress_of_a_killed_pytest_is_counted():
-    output = "tests/x.py::y\n..F.s                                            [ 40%]\n.E.  [ 60%]\nnot a progress line ...\n"
+    output = ("tests/x.py::y\n..F.s                                            [ 40%]\n"
+              ".E.  [ 60%]\nnot a progress line ...\n")
     assert gpu_suite._progress_counts(output) == {"passed": 5, "failed": 1, "errors": 1, "skipped": 1, "xfailed": 0,
                                                   "xpassed": 0}
 
@@ -163,7 +164,7 @@ def test_a_failing_measurement_is_recorded_and_the_part_goes_on(tmp_path, monkey
     monkeypatch.setattr(gpu_suite, "timed_generate", broken)
     rec = gpu_suite.Recorder(tmp_path / "part.json", 60)
     sizes = dict(gpu_suite.SIZES["dry"]["d"], batches=(1,))
-    gpu_suite.part_decode(rec, torch.device("cpu"), True, sizes, argparse.Namespace(decode_path="eager"))
+    gpu_suite.part_decode(rec, torch.device("cpu"), True, sizes, argparse.Namespace(decode_path="eager", decode_rows=None))
     rows = rec.data["rows"]
     assert len(rows) >= 4 and all("no kernel image" in r["error"] for r in rows)
     report = {"dry_run": True, "device_name": "cpu", "started": "now", "budget_s": 1, "elapsed_s": 1,

@@ -338,7 +338,8 @@ def test_gradients_flow_across_chunks_gradcheck(case):
     # the last token (chunk 2 or 3) reaches the first chunk's tokens only through their cache rows
     assert embeds.grad[-1, 0].abs().sum() > 0
     if model.config.cache_mode == "shared":
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if GATE_MARKER in n)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for n, p in model.named_parameters() if GATE_MARKER in n)
 
 
 @pytest.mark.parametrize("blend", [None, 0.5])

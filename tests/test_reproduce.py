@@ -68,7 +68,8 @@ def test_seeds_in_parallel_processes_match_a_serial_run(smoke, tmp_path):
     assert payload["per_seed"]["0"]["rows"] == serial["per_seed"]["0"]["rows"]
     assert payload["per_seed"]["1"]["rows"] != serial["per_seed"]["0"]["rows"]
     with pytest.raises(ValueError, match="--jobs"):
-        reproduce.run(["--preset", "smoke", "--jobs", "0", "--out-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+        reproduce.run(["--preset", "smoke", "--jobs", "0", "--out-dir", str(tmp_path),
+                       "--run-dir", str(tmp_path / "r")])
 
 
 def test_steps_scale_multiplies_every_step_count():

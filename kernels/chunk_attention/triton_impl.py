@@ -303,7 +303,9 @@ def _attn_combine_kernel(
     tl.store(LSE + off_b * stride_lb + off_h * stride_lh + pid_m, lse)
 
 
-_attn_fwd = _tuners(_attn_fwd_kernel, FWD_CONFIGS, _configs((32, 32, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"])
+_attn_fwd = _tuners(
+    _attn_fwd_kernel, FWD_CONFIGS, _configs((32, 32, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"]
+)
 _attn_fwd_decode = _tuners(
     _attn_fwd_kernel, FWD_DECODE_CONFIGS, _configs((16, 32, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"]
 )
@@ -590,7 +592,8 @@ def _attn_bwd_dq_kernel(
 
 
 _attn_bwd_dkdv = _tuners(
-    _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, _configs((16, 32, 4, 1)), key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS"]
+    _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, _configs((16, 32, 4, 1)),
+    key=["HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_LENGTHS"],
 )
 _attn_bwd_dq = _tuners(
     _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, _configs((32, 16, 4, 1)), key=["HEAD_DIM", "HAS_MASK", "HAS_LENGTHS"]
@@ -762,7 +765,8 @@ def _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths) -> int:
         if k_prefix is None:
             raise ValueError("prefix_lengths needs k_prefix and v_prefix (the rows it counts)")
         if not isinstance(prefix_lengths, torch.Tensor) or prefix_lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"prefix_lengths must be an int32 or int64 tensor, got {getattr(prefix_lengths, 'dtype', type(prefix_lengths).__name__)}")
+            got = getattr(prefix_lengths, "dtype", type(prefix_lengths).__name__)
+            raise TypeError(f"prefix_lengths must be an int32 or int64 tensor, got {got}")
         if prefix_lengths.shape != (B,):
             raise ValueError(f"prefix_lengths must be [B] = [{B}], got {list(prefix_lengths.shape)}")
     utils.check_same_device(

@@ -71,7 +71,8 @@ def _gated_update_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STORE_GATE_SUM: tl.constexpr,
 ):
     offs, mask, offs_d, mask_d = _tile(N, D, BLOCK_M, BLOCK_D)
-    g = tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32)
+    g = (tl.load(GA + offs, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(GS + offs, mask=mask, other=0.0).to(tl.float32))
     a, s, z = _load_latent_and_gate(A, S, g, Bias, offs, mask, offs_d, mask_d)
     tl.store(Out + offs, (z * s + (1.0 - z) * a).to(Out.dtype.element_ty), mask=mask)
     if STORE_GATE_SUM:

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from melt_kernels import utils as kernel_utils
 from melt_kernels.chunk_attention import chunk_attention, chunk_attention_fwd, naive_chunk_attention
 from melt_kernels.chunk_attention import triton_impl as attn_impl
-from melt_kernels import utils as kernel_utils
 
 
 def _case(B, H, Hkv, C, P, D):
@@ -348,7 +348,8 @@ def _zeros(*shape, **kwargs):
                  prefix_lengths=_zeros(3, dtype=torch.int32)),
         _invalid("lengths-without-prefix", ValueError, "prefix_lengths needs k_prefix",
                  k_prefix=None, v_prefix=None, key_mask=None, prefix_lengths=_zeros(2, dtype=torch.int32)),
-        _invalid("lengths-device", ValueError, "same device", prefix_lengths=_zeros(2, dtype=torch.int32, device="meta")),
+        _invalid("lengths-device", ValueError, "same device",
+                 prefix_lengths=_zeros(2, dtype=torch.int32, device="meta")),
     ],
 )
 def test_chunk_attention_validation(change, error, match):

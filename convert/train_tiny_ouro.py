@@ -89,7 +89,8 @@ def pretraining_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, sche
     schedule.step()
 
 
-def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, exit_gate_steps: int = 300) -> dict:
+def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+          exit_gate_steps: int = 300) -> dict:
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
@@ -114,7 +115,8 @@ def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
         pretraining_step(loss, model, optimizer, schedule)
         if step % 50 == 0 or step == steps - 1:
             per_loop = " ".join(f"{x.item():.3f}" for x in losses)
-            print(f"step {step:5d}  loss {loss.item():.4f}  per loop [{per_loop}]  {time.time() - start:.0f}s", flush=True)
+            elapsed = time.time() - start
+            print(f"step {step:5d}  loss {loss.item():.4f}  per loop [{per_loop}]  {elapsed:.0f}s", flush=True)
     model.eval()
     gate_history = train_exit_gate(model, rows, exit_gate_steps, seed=seed) if exit_gate_steps else []
     write_ouro_checkpoint(model, TINY_TOKENIZER, out)
@@ -127,7 +129,8 @@ def train(out: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=TINY_CORPUS.parent / "tiny-ouro", help="output directory (replaced)")
+    parser.add_argument("--out", type=Path, default=TINY_CORPUS.parent / "tiny-ouro",
+                        help="output directory (replaced)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence")

@@ -164,7 +164,8 @@ def test_a_failing_measurement_is_recorded_and_the_part_goes_on(tmp_path, monkey
     monkeypatch.setattr(gpu_suite, "timed_generate", broken)
     rec = gpu_suite.Recorder(tmp_path / "part.json", 60)
     sizes = dict(gpu_suite.SIZES["dry"]["d"], batches=(1,))
-    gpu_suite.part_decode(rec, torch.device("cpu"), True, sizes, argparse.Namespace(decode_path="eager", decode_rows=None))
+    args = argparse.Namespace(decode_path="eager", decode_rows=None)
+    gpu_suite.part_decode(rec, torch.device("cpu"), True, sizes, args)
     rows = rec.data["rows"]
     assert len(rows) >= 4 and all("no kernel image" in r["error"] for r in rows)
     report = {"dry_run": True, "device_name": "cpu", "started": "now", "budget_s": 1, "elapsed_s": 1,

@@ -348,11 +348,22 @@ def _cell(value) -> str:
     return str(value)
 
 
-def memory_table(rows: list[dict], columns: list[str], headers: list[str],
-                 first: dict) -> tuple[list[dict], list[str], list[str]]:
-    """Rows with readable memory cells (`held`, `allocated`, `alloc_peak`, `alloc_delta`, `process_peak` from the
-    measured bytes), and `columns` / `headers` with the allocator-peak and process-peak columns added where the
-    row `first` carries those measurements."""
+def print_memory_table(rows: list[dict], columns: list[str], headers: list[str], title: str,
+                       context: str | None = None) -> None:
+    """Print `rows` with readable memory cells (`held`, `allocated`, `alloc_peak`, `alloc_delta`, `process_peak`
+    from the measured bytes), the allocator-peak and process-peak columns added where the rows carry those
+    measurements, and a title that says how each was obtained."""
+    first = next((row for row in rows if row.get("alloc_method")), {})
+    readable, columns, headers = _memory_cells(rows, columns, headers, first)
+    notes = [context] if context else []
+    notes.append(f"allocator: {first.get('alloc_method')}")
+    if first.get("process_method"):
+        notes.append(f"{first['process_method']} (whole process: interpreter, libraries, freed-but-kept memory)")
+    print_table(readable, columns, headers, title=f"{title} ({'; '.join(notes)})")
+
+
+def _memory_cells(rows: list[dict], columns: list[str], headers: list[str],
+                  first: dict) -> tuple[list[dict], list[str], list[str]]:
     cells = {"held": "cache_nbytes", "allocated": "cache_capacity_nbytes", "alloc_peak": "alloc_peak_bytes",
              "alloc_delta": "alloc_peak_delta_bytes", "process_peak": "process_peak_rss_bytes"}
     readable = [{**r, **{cell: human_bytes(r.get(key)) for cell, key in cells.items()}} for r in rows]

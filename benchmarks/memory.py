@@ -351,19 +351,14 @@ def print_report(payload: dict) -> None:
                         "allocated (capacity_nbytes)"],
                        title=f"KV cache by context ({fixed} loops; standard: 1); "
                              "every (model, loops, context) row is in the JSON")
-    first = payload["generation"][0]
-    gen, columns, headers = common.memory_table(
+    common.print_memory_table(
         [{**r, "analytic_kv": common.human_bytes(r["analytic_kv_bytes"]),
           "weights": common.human_bytes(r["weights_bytes"])}
          for r in payload["generation"]],
         ["model", "num_loops", "prompt_tokens", "new_tokens", "weights", "analytic_kv", "held", "allocated",
          "alloc_delta"],
         ["model", "loops", "prompt", "new", "weights", "KV analytic", "KV held (nbytes)", "KV allocated (capacity)",
-         "allocator peak - before"], first)
-    notes = f"allocator: {first.get('alloc_method')}"
-    if first.get("process_method"):
-        notes += f"; {first['process_method']} (whole process: interpreter, libraries, freed-but-kept memory)"
-    common.print_table(gen, columns, headers, title=f"Memory of a generation ({notes})")
+         "allocator peak - before"], title="Memory of a generation")
     common.print_table(payload["published"],
                        ["model", "context", "num_loops", "analytic_kv_gb", "held_kv_gb", "allocated_kv_gb",
                         "published_kv_gb", "analytic_total_gb", "allocated_total_gb", "alloc_peak_gb",

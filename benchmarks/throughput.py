@@ -308,16 +308,11 @@ def plot(result: dict, title: str):
 
 def print_report(payload: dict) -> None:
     r = payload["result"]
-    first = next((row for row in r["decode"] if row.get("alloc_method")), {})
-    decode, columns, headers = common.memory_table(
+    common.print_memory_table(
         r["decode"],
         ["model", "num_loops", "batch", "context", "tokens_per_s", "step_ms", "held", "allocated", "alloc_delta"],
         ["model", "loops", "batch", "context", "tokens/s", "ms/step", "KV held (nbytes)", "KV allocated (capacity)",
-         "allocator peak - before"], first)
-    notes = f"memory of the decode steps, untimed pass; allocator: {first.get('alloc_method')}"
-    if first.get("process_method"):
-        notes += f"; {first['process_method']} (whole process)"
-    common.print_table(decode, columns, headers, title=f"Decode ({notes})")
+         "allocator peak - before"], title="Decode", context="memory of the decode steps, untimed pass")
     common.print_table(r["prefill"], ["model", "mode", "tokens", "tokens_per_s", "median_s"],
                        ["model", "prefill", "tokens", "tokens/s", "median s"], title="Prefill")
     common.print_table(r["max_batch"], ["model", "num_loops", "context", "kv_bytes_per_sequence", "weights_bytes",

@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -73,13 +74,17 @@ class Part:
 
 PARTS = {
     "a": Part("a", "tests on CUDA and every production autotune configuration", 90, 30),
-    "b": Part("b", "kernel benchmarks (benchmarks.kernels)", 60, 20),
-    "c": Part("c", "memory at the Ouro-1.4B shape, 32,000 tokens", 60, 25),
-    "d": Part("d", "decode tokens/s, MELT vs LoopLM", 90, 30),
-    "e": Part("e", "converter training steps at the Ouro-1.4B shape", 90, 35),
-    "f": Part("f", "memory at the Ouro-2.6B shape, 32,000 tokens", 30, 20),
+    "b": Part("b", "kernel benchmarks (benchmarks.kernels)", 50, 20),
+    "c": Part("c", "memory at the Ouro-1.4B shape, 32,000 tokens", 50, 25),
+    # Measured on an H100 (2026-11-27): the eager rows take 90 s, each compiled row 185 s (180 s of compile).
+    "d": Part("d", "decode tokens/s, MELT vs LoopLM", 280, 30),
+    # A first step with activation checkpointing took 55 s there (autotuning included).
+    "e": Part("e", "converter training steps at the Ouro-1.4B shape", 150, 60),
+    "f": Part("f", "memory at the Ouro-2.6B shape, 32,000 tokens", 45, 30),
 }
-DEFAULT_BUDGET_S = 420.0  # sum of the caps: with the machine's start and the wheels' install, under 10 minutes
+# With the wheels' install, one 10-minute device call; the machine's start is outside it. The caps add up to more:
+# what the budget leaves out (e and f, typically) is recorded as skipped, for a second call on the warm machine.
+DEFAULT_BUDGET_S = 540.0
 
 # Sizes of the real run and of the dry run (same structure, toy numbers).
 SIZES = {
@@ -92,7 +97,8 @@ SIZES = {
         "c": dict(preset="ouro-1.4b", context=32_000, decode_tokens=4),
         "d": dict(preset="ouro-1.4b", short_context=1024, batches=(1, 64), long_context=32_000, card_fraction=0.8,
                   warmup_steps=3, timed_steps=8),
-        "e": dict(preset="ouro-1.4b", seq_len=10_000, chunk_size=500, steps=2),
+        # Without activation checkpointing one 10,000-token step ran out of memory at world size 1 (77 GB, H100).
+        "e": dict(preset="ouro-1.4b", seq_len=10_000, chunk_size=500, steps=2, checkpointing=(True,)),
         "f": dict(preset="ouro-2.6b", context=32_000, decode_tokens=4),
     },
     "dry": {
@@ -103,7 +109,7 @@ SIZES = {
         "c": dict(preset="tiny", context=64, decode_tokens=2),
         "d": dict(preset="tiny", short_context=32, batches=(1, 4), long_context=128, card_fraction=0.8,
                   warmup_steps=1, timed_steps=2, card_bytes=2 * 2**20),
-        "e": dict(preset="tiny", seq_len=32, chunk_size=16, steps=2),
+        "e": dict(preset="tiny", seq_len=32, chunk_size=16, steps=2, checkpointing=(False, True)),
         "f": dict(preset="tiny", context=64, decode_tokens=2, overrides={"num_hidden_layers": 4}),
     },
 }
@@ -127,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multiply every part's cap and minimum (e.g. a dry run on a loaded CPU machine)")
     parser.add_argument("--decode-path", choices=("auto", "static", "eager"), default="auto",
                         help="part d: static = generate(cache_implementation='static') with its compiled decode; "
-                             "auto = static when the model has new_cache(max_cache_len=...), else eager")
+                             "eager = generate without compiling; auto = every row eager, then batch-1 rows "
+                             "compiled when the model has new_cache(max_cache_len=...)")
     parser.add_argument("--decode-rows", nargs="+", metavar="MODEL:BATCH:CONTEXT",
                         help="part d: only these rows, in this order; MODEL melt | looplm, BATCH a number or max, "
-                             "CONTEXT short | long | a number of tokens (default: the whole plan)")
+                             "CONTEXT short | long | a number of tokens, PATH (optional) eager | static "
+                             "(default: --decode-path) (default: the whole plan)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="write one report into --out from the JSON reports of several calls on the same device "
                              "(e.g. a rerun of some parts on the warm machine), measuring nothing")
@@ -151,19 +159,34 @@ def _parse_parts(values: list[str]) -> list[str]:
 
 
 def _parse_decode_rows(values: list[str], sizes: dict) -> list[tuple]:
-    """`--decode-rows` tokens as part d's plan entries: (model, batch or "max", context, kind)."""
+    """`--decode-rows` tokens as part d's plan entries: (model, batch or "max", context, kind, path or None)."""
     plan = []
     for value in values:
         fields = value.split(":")
-        model, batch, context = fields if len(fields) == 3 else (None, None, None)
+        model, batch, context, path = (fields + [None])[:4] if len(fields) in (3, 4) else (None,) * 4
         if model not in ("melt", "looplm") or not (batch == "max" or str(batch).isdigit()) or not (
-                context in ("short", "long") or str(context).isdigit()):
-            raise SystemExit(f"--decode-rows: {value!r} is not MODEL:BATCH:CONTEXT (e.g. melt:1:long, looplm:max:long, "
-                             "melt:64:1024)")
+                context in ("short", "long") or str(context).isdigit()) or path not in (None, "eager", "static"):
+            raise SystemExit(f"--decode-rows: {value!r} is not MODEL:BATCH:CONTEXT[:PATH] (e.g. melt:1:long, "
+                             "looplm:max:long:eager, melt:64:1024:static)")
         tokens = sizes[f"{context}_context"] if context in ("short", "long") else int(context)
         plan.append((model, batch if batch == "max" else int(batch), tokens,
-                     "max batch" if batch == "max" else "batch"))
+                     "max batch" if batch == "max" else "batch", path))
     return plan
+
+
+def _default_decode_plan(sizes: dict, requested: str) -> list[tuple]:
+    """Part d's rows: batch 1 and the others after the short context, the largest batch at the long one, batch 1
+    at the long one; with "auto" every row eager first (90 s in all at the Ouro-1.4B shape on an H100), then the
+    batch-1 rows on the compiled path, MELT first (each compiles its step for about 3 minutes)."""
+    short, long = sizes["short_context"], sizes["long_context"]
+    rows = [("melt", 1, short, "batch"), ("looplm", 1, short, "batch"), ("melt", "max", long, "max batch"),
+            ("looplm", "max", long, "max batch")]
+    rows += [(m, b, short, "batch") for b in sizes["batches"] if b != 1 for m in ("melt", "looplm")]
+    rows += [("melt", 1, long, "batch"), ("looplm", 1, long, "batch")]
+    if requested != "auto":
+        return [(*row, requested) for row in rows]
+    compiled = [("melt", 1, short, "batch"), ("melt", 1, long, "batch"), ("looplm", 1, short, "batch")]
+    return [(*row, "eager") for row in rows] + [(*row, "auto") for row in compiled]
 
 
 def main(argv=None) -> int:
@@ -362,15 +385,18 @@ class Recorder:
     def __init__(self, path: Path, cap_s: float):
         self.path = path
         self.data: dict = {}
+        self.lock = threading.Lock()  # a part may record from a watcher thread too (part e's steps)
         self.deadline = time.monotonic() + cap_s - 2.0  # leave the parent a moment before it kills this process
 
     def set(self, key: str, value) -> None:
-        self.data[key] = value
-        self.flush()
+        with self.lock:
+            self.data[key] = value
+            self.flush()
 
     def append(self, key: str, row: dict) -> None:
-        self.data.setdefault(key, []).append(row)
-        self.flush()
+        with self.lock:
+            self.data.setdefault(key, []).append(row)
+            self.flush()
 
     def flush(self) -> None:
         common.write_json(self.path, self.data)
@@ -795,9 +821,9 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
 
     static_failed = []  # after one failure of the static path, the remaining rows go eager at once
 
-    def measure(model, batch, context, kind):
+    def measure(model, batch, context, kind, requested):
         net = net_of(model)
-        path = "eager" if static_failed else decode_path(net, args.decode_path)
+        path = "eager" if static_failed else decode_path(net, requested)
         row = {"model": model, "kind": kind, "num_loops": net.config.num_loops, "batch": batch, "context": context}
         started = time.monotonic()
         print(f"gpu_suite d: {model} batch {batch}, {context} tokens, {path} path ...", flush=True)
@@ -826,19 +852,16 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
               f"{time.monotonic() - started:.0f} s in all{', OOM' if row.get('oom') else ''}", flush=True)
         return row
 
-    short, long = sizes["short_context"], sizes["long_context"]
-    plan = [("melt", 1, short, "batch"), ("looplm", 1, short, "batch"), ("melt", "max", long, "max batch"),
-            ("looplm", "max", long, "max batch")]
-    plan += [(m, b, short, "batch") for b in sizes["batches"] if b != 1 for m in ("melt", "looplm")]
-    plan += [("melt", 1, long, "batch"), ("looplm", 1, long, "batch")]
     if args.decode_rows:
-        plan = _parse_decode_rows(args.decode_rows, sizes)
-    for model, batch, context, kind in plan:
+        plan = [(*row[:4], row[4] or args.decode_path) for row in _parse_decode_rows(args.decode_rows, sizes)]
+    else:
+        plan = _default_decode_plan(sizes, args.decode_path)
+    for model, batch, context, kind, requested in plan:
         if rec.left() < 8:
             rec.append("skipped", {"model": model, "batch": batch, "context": context, "reason": "time cap reached"})
             continue
         if batch != "max":
-            measure(model, batch, context, kind)
+            measure(model, batch, context, kind, requested)
             continue
         net = net_of(model)
         kv_seq = common.kv_bytes_per_token(common.model_kwargs(preset, model), net.config.num_loops, dtype) * (
@@ -846,13 +869,13 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         analytic = max(1, int((budget - weights) // kv_seq))
         # A dynamic cache doubles its buffers at the first decode step after the prefill: half the rows fit.
-        path = "eager" if static_failed else decode_path(net, args.decode_path)
+        path = "eager" if static_failed else decode_path(net, requested)
         ran = [r for r in rec.data.get("rows", []) if r["model"] == model and r.get("path")]
         preallocated = ran[-1]["cache_preallocated"] if ran else path == "static"
         batch = analytic if preallocated else max(1, analytic // 2)
         tried = []
         while rec.left() >= 8 and batch >= 1:
-            row = measure(model, batch, context, kind)
+            row = measure(model, batch, context, kind, requested)
             tried.append(batch)
             if row.get("fits_budget"):
                 break
@@ -906,7 +929,7 @@ def part_convert(rec: Recorder, device: torch.device, dry: bool, sizes: dict, ar
         runtime = training.Runtime(rank=0, world=1, device=device, mesh=mesh)
         autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                     else contextlib.nullcontext)
-        for checkpointing in (False, True):
+        for checkpointing in sizes["checkpointing"]:  # the next one only after running out of memory
             outcome = _convert_steps(rec, device, preset, seq_len, chunk, sizes["steps"], checkpointing, mesh, runtime,
                                      autocast, training, fully_shard, MeltConfig, MeltForCausalLM, types)
             if outcome != "oom":
@@ -949,15 +972,11 @@ def _convert_steps(rec, device, preset, seq_len, chunk, steps, checkpointing, me
         with tempfile.TemporaryDirectory(prefix="gpu_suite_convert_") as work:
             try:
                 probe_of = common.memory_probe(device) if device.type == "cuda" else contextlib.nullcontext({})
-                with probe_of as probe:
+                with probe_of as probe, _watching_steps(rec, Path(work) / "log.jsonl", row):
                     started = time.perf_counter()
                     training.train(student, teacher, rows, opts, runtime, Path(work), {}, autocast, False)
                 row["seconds"] = time.perf_counter() - started
-                log = [json.loads(line) for line in (Path(work) / "log.jsonl").read_text().splitlines() if line]
-                cumulative = [0.0] + [r["seconds"] for r in log]
-                row["step_s"] = [b - a for a, b in zip(cumulative, cumulative[1:])]
-                row["loss"] = [r["loss"] for r in log]
-                row["alpha"] = [r["alpha"] for r in log]
+                row.update(_logged_steps(Path(work) / "log.jsonl"))
                 row.update(probe)
             except torch.OutOfMemoryError as error:
                 row["oom"] = str(error).splitlines()[0]
@@ -969,6 +988,39 @@ def _convert_steps(rec, device, preset, seq_len, chunk, steps, checkpointing, me
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return outcome
+
+
+def _logged_steps(log: Path) -> dict:
+    """Seconds, loss and alpha of each step the training loop has logged so far (its `log.jsonl`)."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    logged = [json.loads(line) for line in lines if line.strip()]
+    cumulative = [0.0] + [r["seconds"] for r in logged]
+    return {"step_s": [b - a for a, b in zip(cumulative, cumulative[1:])], "loss": [r["loss"] for r in logged],
+            "alpha": [r["alpha"] for r in logged]}
+
+
+@contextlib.contextmanager
+def _watching_steps(rec: Recorder, log: Path, row: dict):
+    """While the block runs, record the steps logged so far under `running` every 2 s, so that a part stopped at
+    its cap keeps the steps it finished (a step at the Ouro-1.4B shape takes most of a minute)."""
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(2.0):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                steps = _logged_steps(log)
+                if steps["step_s"]:
+                    rec.set("running", {**row, **steps, "note": "steps logged before the part ended"})
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        with rec.lock:
+            rec.data.pop("running", None)
 
 
 PART_FUNCTIONS = {"a": part_tests, "b": part_kernels, "c": part_memory, "d": part_decode, "e": part_convert,
@@ -1152,7 +1204,8 @@ def _section_convert(data: dict, report: dict) -> list[str]:
     lines = [f"## e. Converter, {setup.get('preset')} shape, sequence {setup.get('seq_len')}, chunk "
              f"{setup.get('chunk_size')}, {setup.get('backend')} world size 1, autocast {setup.get('autocast')}", ""]
     rows = []
-    for r in data.get("phases", []):
+    running = [{**data["running"], "skipped": data["running"]["note"]}] if data.get("running") else []
+    for r in data.get("phases", []) + running:
         rows.append([r["phase"], "yes" if r["checkpointing"] else "no",
                      " ".join(f"{s:.2f}" for s in r.get("step_s", [])) or "-",
                      _gb(r.get("alloc_peak_bytes")),
@@ -1273,7 +1326,8 @@ def _plot_decode(datas: dict, report: dict):
 
 
 def _plot_convert(datas: dict, report: dict):
-    rows = [r for r in datas["e"].get("phases", []) if r.get("step_s")]
+    running = [datas["e"]["running"]] if datas["e"].get("running") else []
+    rows = [r for r in datas["e"].get("phases", []) + running if r.get("step_s")]
     if not rows:
         return None
     fig, axes = common.new_figure(ncols=1)

@@ -1,6 +1,7 @@
 """Everything owed to a GPU, in one prepared call: `python -m benchmarks.gpu_suite --out DIR`.
 
-    python -m benchmarks.gpu_suite --out DIR [--budget-s 420] [--parts a b c d e f] [--decode-path auto|static|eager]
+    python -m benchmarks.gpu_suite --out DIR [--budget-s 540] [--parts a b c d e f] [--decode-path auto|static|eager]
+    python -m benchmarks.gpu_suite --out DIR --merge A.json B.json ...   # one report of several calls
     python -m benchmarks.gpu_suite --out DIR --device cpu --dry-run      # every part at toy size, on CPU
 
 A GPU is lent to few tasks, for minutes, with no network; this runs the measurements that need one in a fixed
@@ -17,12 +18,13 @@ order, each part with its own time cap, inside one budget (README "GPU" gives th
      a prefill and 4 decode steps (`benchmarks.memory.context_memory`), beside the published 9.49 / 27.97 GB;
   d. decode tokens/s at the Ouro-1.4B shape, MELT vs LoopLM: batch 1 and 64 after 1,024 tokens, and the largest
      batch whose prefill + decode `max_memory_allocated` stays within 80% of the card at 32,000 tokens, through
-     `generate` (transformers' static cache and compiled decode when the model offers `new_cache(max_cache_len=)`,
-     eager otherwise; each step timed by a stopping criterion that synchronizes);
+     `generate`: every row eager, then batch 1 on transformers' static cache with its compiled decode (when the
+     model offers `new_cache(max_cache_len=)`); each step timed by a stopping criterion that synchronizes, beside
+     the bytes it must read (`benchmarks.common.decode_bytes_per_step`);
   e. the converter's training step (`convert.train.train`, the loop `python -m convert.from_ouro` runs) at the
-     Ouro-1.4B shape with random weights: fp32 weights under bf16 autocast, sequence 10,000, chunk 500, 2 steps
-     of phase 1 then 2 of phase 2, FSDP2 at world size 1 on nccl; seconds per step, `max_memory_allocated`;
-     retried with activation checkpointing if it runs out of memory;
+     Ouro-1.4B shape with random weights: fp32 weights under bf16 autocast with activation checkpointing,
+     sequence 10,000, chunk 500, 2 steps of phase 1 then 2 of phase 2, FSDP2 at world size 1 on nccl; seconds
+     per step (recorded as they are logged), `max_memory_allocated`;
   f. part c at the Ouro-2.6B shape, if time remains.
 
 Each part runs in its own process (a crash, a hang or an exhausted GPU stays inside it), killed at its cap; a part

@@ -1,4 +1,5 @@
-"""The conversion's losses, its alpha schedule, and the teacher-vs-student comparison of the report.
+"""The conversion's step (`distill_step` under a `Recipe`), its losses, its alpha schedule, and the
+teacher-vs-student comparison of the report.
 
 * Knowledge distillation (both phases): `KL(teacher || student)` of the next-token distributions of
   EVERY loop (a looped model exits at any loop, so every loop's logits must stay Ouro's), per token,
@@ -15,6 +16,9 @@
 * Alpha (phase 1): the key/value blend `alpha * KV_melt + (1 - alpha) * KV_loop` rises linearly from 0 on
   the first step of phase 1 to 1 on its last; phase 2 runs at alpha = 1 (pure MELT). Without interpolation
   (the ablation) alpha is 1 from the first step.
+* One step (`distill_step`): the frozen teacher's forward without grad, the student's at the step's alpha, and
+  the loss terms of the step's phase; the training loop (`convert/train.py`) only batches, backpropagates and
+  optimizes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +43,32 @@ def alpha_at(step: int, phase1_steps: int, interpolate: bool = True) -> float:
     if not interpolate or step >= phase1_steps or phase1_steps <= 1:
         return 1.0
     return step / (phase1_steps - 1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the conversion does at each step: phase 1 is steps [0, phase1_steps), phase 2 the next phase2_steps."""
+
+    phase1_steps: int
+    phase2_steps: int
+    interpolate: bool = True  # False: the no-interpolation ablation (alpha = 1 from the first step)
+    beta: float = 0.1  # weight of the phase-2 attention alignment
+    temperature: float = 1.0  # KD temperature tau
+
+    @classmethod
+    def from_options(cls, opts) -> Recipe:
+        """The recipe of the converter's options (`python -m convert.from_ouro`'s, or any object with their names)."""
+        return cls(opts.phase1_steps, opts.phase2_steps, not opts.no_interpolation, opts.beta, opts.temperature)
+
+    @property
+    def total_steps(self) -> int:
+        return self.phase1_steps + self.phase2_steps
+
+    def phase_at(self, step: int) -> int:
+        return 1 if step < self.phase1_steps else 2
+
+    def alpha_at(self, step: int) -> float:
+        return alpha_at(step, self.phase1_steps, self.interpolate)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -103,6 +134,39 @@ def alignment_loss(student_attention, teacher_attention) -> torch.Tensor:
         for s, t in zip(s_loop, t_loop, strict=True)
     ]
     return torch.stack(terms).mean()
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """One `distill_step`: its loss terms (scalars; `total` carries the student's graph) and where it stood."""
+
+    kd: torch.Tensor
+    align: torch.Tensor  # zero in phase 1
+    total: torch.Tensor  # kd + beta * align
+    phase: int
+    alpha: float
+
+
+def distill_step(student, teacher, batch: torch.Tensor, step: int, recipe: Recipe,
+                 autocast=contextlib.nullcontext) -> StepLoss:
+    """The loss of global step `step` on `batch` `[B, L]` (on the models' device); backward is the caller's.
+
+    The teacher runs without grad; the student at the step's alpha. Neither makes full per-loop logits
+    (`logits_to_keep=1`): `kd_loss_from_hidden` makes them block by block. Attention outputs are returned only
+    in phase 2, where the alignment reads them (~4 GB per sequence at the published shape otherwise).
+    """
+    phase, alpha = recipe.phase_at(step), recipe.alpha_at(step)
+    aligned = phase == 2
+    with torch.no_grad(), autocast():
+        t_out = teacher(batch, use_cache=False, return_loop_outputs=True, logits_to_keep=1,
+                        return_attention_outputs=aligned)
+    with autocast():
+        s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha, logits_to_keep=1,
+                        return_attention_outputs=aligned)
+        kd = kd_loss_from_hidden(student.lm_head, s_out.loop_hidden_states, teacher.lm_head, t_out.loop_hidden_states,
+                                 recipe.temperature)
+    align = alignment_loss(s_out.attention_outputs, t_out.attention_outputs) if aligned else kd.new_zeros(())
+    return StepLoss(kd, align, kd + recipe.beta * align, phase, alpha)
 
 
 @torch.no_grad()

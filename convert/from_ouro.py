@@ -8,9 +8,10 @@ Teacher: the Ouro checkpoint in `per_loop` mode (exactly Ouro), frozen (eval, no
 weights in `shared` mode plus the new gates (`gate_type`, default elementwise; W = U = 0 and b = -3 at the
 start, see `MeltPreTrainedModel._init_weights`). Phase 1 ramps the key/value blend alpha from 0 (the
 student IS the teacher) to 1 (pure MELT) under a KD loss over all loops; phase 2 keeps alpha = 1 and adds
-beta * the attention-output alignment (see `convert/distill.py`). `--no-interpolation` (an ablation)
-runs phase 1 at alpha = 1 from its first step. The training loop, checkpoints and
-the distributed set-up are in `convert/train.py`; the data pipeline in `convert/data.py`.
+beta * the attention-output alignment (`convert/distill.py`: the `Recipe` and one `distill_step`).
+`--no-interpolation` (an ablation) runs phase 1 at alpha = 1 from its first step. The training loop, checkpoints
+and the distributed set-up are in `convert/train.py`; the data pipeline in `convert/data.py`. The checkpoint is
+read once (`melt.ouro_checkpoint.OuroCheckpoint`): teacher, student and the report's models are built from it.
 
 Presets. `published` is the paper's recipe (chunk 500, sequence 10,000, 32 sequences = 320K tokens per
 step, AdamW, lr 8e-6 Ouro weights / 5e-4 gate weights, 500 + 300 steps, beta 0.1, temperature 1).
@@ -298,12 +299,18 @@ def _retry_command(argv: list[str], a, resume: bool) -> str:
     return shlex.join(["python", "-m", "convert.from_ouro", *kept, *extra])
 
 
-def _load_models(a, runtime):
+def _build(ouro, a, cache_mode: str, gate_type: str = "elementwise"):
+    """An fp32 MELT model at the run's chunk size from `ouro`, the run's one read of the Ouro checkpoint."""
     from melt import MeltForCausalLM
 
-    overrides = dict(chunk_size=a.chunk_size)
-    teacher = MeltForCausalLM.from_ouro(a.ouro, cache_mode="per_loop", dtype=torch.float32, **overrides)
-    student = MeltForCausalLM.from_ouro(a.ouro, cache_mode="shared", gate_type=a.gate_type, dtype=torch.float32, **overrides)
+    return MeltForCausalLM.from_ouro(ouro, cache_mode=cache_mode, gate_type=gate_type, dtype=torch.float32,
+                                     chunk_size=a.chunk_size)
+
+
+def _load_models(a, ouro):
+    """The frozen teacher (Ouro exactly, `per_loop`) and the student to train (`shared`, new gates)."""
+    teacher = _build(ouro, a, "per_loop")
+    student = _build(ouro, a, "shared", a.gate_type)
     if a.seq_len > teacher.config.max_position_embeddings:
         raise ValueError(f"--seq-len {a.seq_len} exceeds the checkpoint's max_position_embeddings "
                          f"{teacher.config.max_position_embeddings}")
@@ -313,6 +320,25 @@ def _load_models(a, runtime):
     student.model.early_exit_gate.requires_grad_(False)
     student.train()
     return teacher, student
+
+
+def _load_tokenizer(a, ouro_dir: Path):
+    """--tokenizer, or the checkpoint's own; a path that cannot hold one is refused before anything is loaded."""
+    from melt.ouro_checkpoint import looks_like_local_path
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
+        raise ValueError(f"--tokenizer {a.tokenizer} is a file; pass the directory that holds tokenizer.json")
+    if a.tokenizer and looks_like_local_path(a.tokenizer) and not Path(a.tokenizer).expanduser().is_dir():
+        raise ValueError(f"--tokenizer directory {a.tokenizer} does not exist (and it is not a Hub id); check the path")
+    source = a.tokenizer or ouro_dir
+    try:
+        # A config is passed so that AutoTokenizer does not read config.json: Ouro's names its remote code in
+        # auto_map, and reading it would ask "Do you wish to run the custom code?" (a 15 s prompt).
+        return AutoTokenizer.from_pretrained(source, config=PreTrainedConfig())
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load a tokenizer from {source} ({first}); pass --tokenizer") from err
 
 
 def _load_data(a, tokenizer, vocab_size: int):
@@ -333,19 +359,16 @@ def _autocast(a, runtime):
     return lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)
 
 
-def _full_student(student, a, runtime):
+def _full_student(student, a, ouro, runtime):
     """The trained student as a plain (unsharded, CPU) module on rank 0; None elsewhere. Collective."""
     if runtime.world == 1:
         return student.cpu().eval()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from melt import MeltForCausalLM
-
     state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not runtime.is_main:
         return None
-    plain = MeltForCausalLM.from_ouro(a.ouro, cache_mode="shared", gate_type=a.gate_type, dtype=torch.float32,
-                                      chunk_size=a.chunk_size)
+    plain = _build(ouro, a, "shared", a.gate_type)
     plain.load_state_dict(state)
     return plain.eval()
 
@@ -437,10 +460,9 @@ def _push(out: Path, repo: str) -> None:
 
 def run(argv=None) -> dict | None:
     """Convert as `argv` says; returns the report (rank 0) or None. Raises on bad inputs and failures."""
-    a = resolve_options(argv)
-    from melt.ouro_checkpoint import looks_like_local_path, resolve_checkpoint_dir
-    from transformers import AutoTokenizer, PreTrainedConfig
+    from melt.ouro_checkpoint import OuroCheckpoint
 
+    a = resolve_options(argv)
     a.retry_command = functools.partial(_retry_command, list(sys.argv[1:] if argv is None else argv), a)
     runtime = training.init_runtime(a.device)
     try:
@@ -449,20 +471,9 @@ def run(argv=None) -> dict | None:
             raise ValueError(f"--exit-gate-steps runs in a single process; this run has {runtime.world}: convert "
                              "without it, then fit the gate of the output in one process")
         _check_paths(a, runtime)
-        ouro_dir = resolve_checkpoint_dir(a.ouro, what="--ouro checkpoint")
-        if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
-            raise ValueError(f"--tokenizer {a.tokenizer} is a file; pass the directory that holds tokenizer.json")
-        if a.tokenizer and looks_like_local_path(a.tokenizer) and not Path(a.tokenizer).expanduser().is_dir():
-            raise ValueError(f"--tokenizer directory {a.tokenizer} does not exist (and it is not a Hub id); check the path")
-        teacher, student = _load_models(a, runtime)
-        tokenizer_source = a.tokenizer or ouro_dir
-        try:
-            # A config is passed so that AutoTokenizer does not read config.json: Ouro's names its remote code in
-            # auto_map, and reading it would ask "Do you wish to run the custom code?" (a 15 s prompt).
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=PreTrainedConfig())
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot load a tokenizer from {tokenizer_source} ({first}); pass --tokenizer") from err
+        ouro = OuroCheckpoint(a.ouro, what="--ouro checkpoint")  # read once: every model of the run is built from it
+        tokenizer = _load_tokenizer(a, ouro.directory)
+        teacher, student = _load_models(a, ouro)
         train_rows, eval_rows = _load_data(a, tokenizer, teacher.config.vocab_size)
         if a.gradient_checkpointing:
             student.activation_checkpointing_enable()
@@ -470,16 +481,7 @@ def run(argv=None) -> dict | None:
         fingerprint["world_size"] = runtime.world
         teacher = training.prepare_model(teacher, runtime)
         student = training.prepare_model(student, runtime)
-
-        if runtime.is_main:
-            if a.work_dir.exists() and ((a.overwrite and not a.resume) or a.stale_work_dir):
-                shutil.rmtree(a.work_dir)  # only this converter's files (checked above)
-            a.work_dir.mkdir(parents=True, exist_ok=True)
-            tokens = a.batch_size * a.seq_len
-            print(f"converting {a.ouro} -> {a.out} (preset {a.preset}): {train_rows.shape[0]} training sequences of "
-                  f"{a.seq_len} tokens, {tokens} tokens/step, phase 1 {a.phase1_steps} + phase 2 {a.phase2_steps} steps, "
-                  f"{runtime.world} process(es) on {runtime.device.type}", flush=True)
-        runtime.barrier()
+        _start_work_dir(a, runtime, train_rows)
         autocast = _autocast(a, runtime)
         started = time.time()
         done = training.train(student, teacher, train_rows, a, runtime, a.work_dir, fingerprint, autocast, a.resume)
@@ -497,26 +499,10 @@ def run(argv=None) -> dict | None:
                 print(f"exit gate: {a.exit_gate_steps} steps, loss {history[0]:.4f} -> {history[-1]:.4f}", flush=True)
         train_seconds = time.time() - started
 
-        final = _full_student(student, a, runtime)
+        final = _full_student(student, a, ouro, runtime)
         report = None
         if runtime.is_main:
-            report_path = a.work_dir / "report.json"
-            if a.resume and report_path.is_file():  # the evaluation finished before an interrupted final write
-                report = json.loads(report_path.read_text())
-            else:
-                with training.raise_on_signals(total, "evaluation"):
-                    report = _evaluate(a, final, eval_rows, runtime, autocast, train_seconds)
-                    _write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
-            with training.raise_on_signals(total, "final write"):
-                _write_output(a, final, Path(a.tokenizer) if a.tokenizer and Path(a.tokenizer).is_dir() else ouro_dir,
-                              report, a.work_dir)
-            if not a.keep_work_dir:
-                shutil.rmtree(a.work_dir, ignore_errors=True)
-            print("held-out comparison with the teacher (KL(teacher || model) per token, next-token CE), per loop:")
-            print(format_report(report["per_loop"]))
-            print(f"wrote {a.out}")
-            if a.push_to_hub:
-                _push(a.out, a.push_to_hub)
+            report = _evaluate_and_write(a, ouro, final, eval_rows, runtime, autocast, train_seconds)
         runtime.barrier()
         return report
     finally:
@@ -524,15 +510,48 @@ def run(argv=None) -> dict | None:
             torch.distributed.destroy_process_group()
 
 
-def _evaluate(a, final, eval_rows, runtime, autocast, train_seconds) -> dict:
-    """The report: teacher vs trained student vs the training-free `last` conversion on the held-out rows."""
-    from melt import MeltForCausalLM
+def _start_work_dir(a, runtime, train_rows: torch.Tensor) -> None:
+    """Rank 0 makes the work directory (emptied first when the run starts over) and says what the run will do."""
+    if runtime.is_main:
+        if a.work_dir.exists() and ((a.overwrite and not a.resume) or a.stale_work_dir):
+            shutil.rmtree(a.work_dir)  # only this converter's files (checked by _check_paths)
+        a.work_dir.mkdir(parents=True, exist_ok=True)
+        tokens = a.batch_size * a.seq_len
+        print(f"converting {a.ouro} -> {a.out} (preset {a.preset}): {train_rows.shape[0]} training sequences of "
+              f"{a.seq_len} tokens, {tokens} tokens/step, phase 1 {a.phase1_steps} + phase 2 {a.phase2_steps} steps, "
+              f"{runtime.world} process(es) on {runtime.device.type}", flush=True)
+    runtime.barrier()
 
+
+def _evaluate_and_write(a, ouro, final, eval_rows, runtime, autocast, train_seconds) -> dict:
+    """The two stages after training, each resumable (rank 0): the evaluation (kept as report.json, so a --resume
+    after an interrupted final write does not redo it), then the final write; returns the report."""
+    total = a.phase1_steps + a.phase2_steps
+    report_path = a.work_dir / "report.json"
+    if a.resume and report_path.is_file():  # the evaluation finished before an interrupted final write
+        report = json.loads(report_path.read_text())
+    else:
+        with training.raise_on_signals(total, "evaluation"):
+            report = _evaluate(a, ouro, final, eval_rows, runtime, autocast, train_seconds)
+            _write_text_atomically(report_path, json.dumps(report, indent=2) + "\n")
+    tokenizer_dir = Path(a.tokenizer) if a.tokenizer and Path(a.tokenizer).is_dir() else ouro.directory
+    with training.raise_on_signals(total, "final write"):
+        _write_output(a, final, tokenizer_dir, report, a.work_dir)
+    if not a.keep_work_dir:
+        shutil.rmtree(a.work_dir, ignore_errors=True)
+    print("held-out comparison with the teacher (KL(teacher || model) per token, next-token CE), per loop:")
+    print(format_report(report["per_loop"]))
+    print(f"wrote {a.out}")
+    if a.push_to_hub:
+        _push(a.out, a.push_to_hub)
+    return report
+
+
+def _evaluate(a, ouro, final, eval_rows, runtime, autocast, train_seconds) -> dict:
+    """The report: teacher vs trained student vs the training-free `last` conversion on the held-out rows."""
     eval_device = runtime.device
-    plain_teacher = MeltForCausalLM.from_ouro(a.ouro, cache_mode="per_loop", dtype=torch.float32,
-                                              chunk_size=a.chunk_size).to(eval_device)
-    last = MeltForCausalLM.from_ouro(a.ouro, cache_mode="shared", gate_type="last", dtype=torch.float32,
-                                     chunk_size=a.chunk_size).to(eval_device)
+    plain_teacher = _build(ouro, a, "per_loop").to(eval_device)
+    last = _build(ouro, a, "shared", "last").to(eval_device)
     comparison = compare_to_teacher(plain_teacher, {"student": final.to(eval_device), "last (no training)": last},
                                     eval_rows, a.eval_batch_size, eval_device, autocast)
     final.cpu()

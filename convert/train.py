@@ -1,4 +1,5 @@
-"""The conversion's training loop: distributed set-up, data order, checkpoints, signals, NaN guard.
+"""The conversion's training loop: distributed set-up, data order, checkpoints, signals, NaN guard. What a step
+computes (phase, alpha, losses) is `distill.distill_step`'s; the loop batches, backpropagates, clips and steps.
 
 * Distributed: under `torchrun` (WORLD_SIZE > 1) a process group is created (nccl on CUDA, gloo on CPU)
   with an explicit 1-D device mesh, and both the student and the frozen teacher are sharded with FSDP2
@@ -307,27 +308,75 @@ def raise_on_signals(step: int, stage: str):
         yield
 
 
-def train(
-    student, teacher, rows: torch.Tensor, opts, runtime: Runtime, work_dir: Path, fingerprint: dict,
-    autocast, resume: bool,
-) -> None:
-    """Run global steps [start, phase1 + phase2) (or up to `opts.stop_after` more), logging every step."""
-    from tqdm.auto import tqdm
+def _resume(checkpoint: Path, log_path: Path, student, optimizer, scheduler, fingerprint: dict, opts,
+            runtime: Runtime) -> int:
+    """Restore `checkpoint` and drop the logged steps after it (they are redone); returns its step."""
+    start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint, getattr(opts, "change_lr", False))
+    if runtime.is_main and log_path.exists():
+        kept = [line for line in log_path.read_text(errors="replace").splitlines() if _logged_step(line) < start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    return start
 
-    total = opts.phase1_steps + opts.phase2_steps
+
+def _accumulate_gradients(student, teacher, rows: torch.Tensor, step: int, recipe: distill.Recipe, opts,
+                          runtime: Runtime, autocast) -> tuple[torch.Tensor, distill.StepLoss]:
+    """Backward of `distill.distill_step` over this rank's micro-batches of global step `step`, each loss divided
+    by their number (FSDP averages over ranks): the gradient is the global-batch mean. Returns the terms
+    `[kd, align, total]` averaged over the global batch (fp64, CPU) and the last micro-batch's step."""
     per_rank = opts.batch_size // runtime.world
     micro = opts.micro_batch_size
     n_micro = per_rank // micro
+    index = batch_rows(step, opts.batch_size, rows.shape[0], opts.seed)
+    local = index[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
+    terms = torch.zeros(3, dtype=torch.float64)
+    for m in range(n_micro):
+        batch = rows[local[m * micro : (m + 1) * micro]].to(runtime.device)  # [micro, L]
+        losses = distill.distill_step(student, teacher, batch, step, recipe, autocast)
+        (losses.total / n_micro).backward()
+        terms += torch.stack([losses.kd, losses.align, losses.total]).detach().double().cpu() / n_micro
+    return runtime.all_mean(terms), losses
+
+
+def _non_finite_loss(step: int, losses: distill.StepLoss, terms: torch.Tensor, checkpoint: Path, opts) -> NonFiniteLoss:
+    """The error of a non-finite step, saying what the last checkpoint holds and the command that continues."""
+    if checkpoint.exists():
+        last, advice = f"{checkpoint} holds the last good state", "continue from it with lower learning rates"
+    else:
+        last, advice = "none was written yet", "start over with lower learning rates"
+    command = opts.retry_command(resume=checkpoint.exists()) if hasattr(opts, "retry_command") else None
+    how = f": {command}" if command else " (--resume --change-lr --lr ... --gate-lr ...)"
+    return NonFiniteLoss(
+        f"non-finite loss at step {step} (phase {losses.phase}, alpha {losses.alpha:.3f}): kd={terms[0].item()}, "
+        f"align={terms[1].item()}; training stopped before the optimizer step. Checkpoint: {last}. "
+        f"Check the data, or {advice}{how}"
+    )
+
+
+def _stop_signal(received: list, runtime: Runtime) -> int:
+    """The signal that stops the run after this step (0: none), agreed by all ranks: a signal one rank received
+    stops every rank, so that all of them checkpoint the same step."""
+    stop = torch.tensor([float(received[0]) if received else 0.0])
+    stop = runtime.all_mean(stop) * runtime.world if runtime.world > 1 else stop
+    if not stop.item():
+        return 0
+    return received[0] if received else signal.SIGTERM
+
+
+def train(
+    student, teacher, rows: torch.Tensor, opts, runtime: Runtime, work_dir: Path, fingerprint: dict,
+    autocast, resume: bool,
+) -> int:
+    """Run global steps [start, phase1 + phase2) (or up to `opts.stop_after` more) of `distill.distill_step` under
+    the recipe of `opts` (`distill.Recipe.from_options`), logging every step; returns the step reached."""
+    from tqdm.auto import tqdm
+
+    recipe = distill.Recipe.from_options(opts)
+    total = recipe.total_steps
     optimizer = make_optimizer(student, opts.lr, opts.gate_lr, opts.weight_decay)
     scheduler = make_scheduler(optimizer, opts.warmup_steps)
     checkpoint = work_dir / "checkpoint.pt"
     log_path = work_dir / "log.jsonl"
-    start = 0
-    if resume:
-        start = load_checkpoint(checkpoint, student, optimizer, scheduler, fingerprint, getattr(opts, "change_lr", False))
-        if runtime.is_main and log_path.exists():  # drop steps after the checkpoint: they are redone
-            kept = [line for line in log_path.read_text(errors="replace").splitlines() if _logged_step(line) < start]
-            log_path.write_text("".join(line + "\n" for line in kept))
+    start = _resume(checkpoint, log_path, student, optimizer, scheduler, fingerprint, opts, runtime) if resume else 0
     end = total if opts.stop_after is None else min(total, start + opts.stop_after)
     params = [p for p in student.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not runtime.is_main, desc="convert", dynamic_ncols=True)
@@ -336,48 +385,10 @@ def train(
     try:
         with stop_signals() as received:
             for step in range(start, end):
-                phase = 1 if step < opts.phase1_steps else 2
-                alpha = distill.alpha_at(step, opts.phase1_steps, not opts.no_interpolation) if opts.phase1_steps else 1.0
-                if opts.phase1_steps == 0 or phase == 2:
-                    alpha = 1.0
-                index = batch_rows(step, opts.batch_size, rows.shape[0], opts.seed)
-                local = index[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
                 optimizer.zero_grad(set_to_none=True)
-                terms = torch.zeros(3, dtype=torch.float64)  # kd, align, loss
-                for m in range(n_micro):
-                    batch = rows[local[m * micro : (m + 1) * micro]].to(runtime.device)  # [micro, L]
-                    # logits_to_keep=1: the per-loop logits are made block by block inside the KD loss instead.
-                    with torch.no_grad(), autocast():
-                        # Attention outputs only where the phase-2 alignment reads them (~4 GB per sequence at
-                        # the published shape otherwise).
-                        t_out = teacher(batch, use_cache=False, return_loop_outputs=True, logits_to_keep=1,
-                                        return_attention_outputs=phase == 2)
-                    with autocast():
-                        s_out = student(batch, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha,
-                                        logits_to_keep=1, return_attention_outputs=phase == 2)
-                        kd = distill.kd_loss_from_hidden(student.lm_head, s_out.loop_hidden_states, teacher.lm_head,
-                                                         t_out.loop_hidden_states, opts.temperature)
-                    align = (
-                        distill.alignment_loss(s_out.attention_outputs, t_out.attention_outputs)
-                        if phase == 2 else kd.new_zeros(())
-                    )
-                    loss = kd + opts.beta * align
-                    (loss / n_micro).backward()
-                    terms += torch.stack([kd.detach(), align.detach(), loss.detach()]).double().cpu() / n_micro
-                terms = runtime.all_mean(terms)
+                terms, losses = _accumulate_gradients(student, teacher, rows, step, recipe, opts, runtime, autocast)
                 if not bool(torch.isfinite(terms).all()):
-                    if checkpoint.exists():
-                        last = f"{checkpoint} holds the last good state"
-                        advice = "continue from it with lower learning rates"
-                    else:
-                        last, advice = "none was written yet", "start over with lower learning rates"
-                    command = opts.retry_command(resume=checkpoint.exists()) if hasattr(opts, "retry_command") else None
-                    how = f": {command}" if command else " (--resume --change-lr --lr ... --gate-lr ...)"
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step} (phase {phase}, alpha {alpha:.3f}): kd={terms[0].item()}, "
-                        f"align={terms[1].item()}; training stopped before the optimizer step. Checkpoint: {last}. "
-                        f"Check the data, or {advice}{how}"
-                    )
+                    raise _non_finite_loss(step, losses, terms, checkpoint, opts)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
@@ -385,7 +396,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 record = {
-                    "step": step, "phase": phase, "alpha": round(alpha, 6), "loss": terms[2].item(),
+                    "step": step, "phase": losses.phase, "alpha": round(losses.alpha, 6), "loss": terms[2].item(),
                     "kd": terms[0].item(), "align": terms[1].item(), "grad_norm": float(grad_norm),
                     **{f"lr_{k}": v for k, v in lrs.items()},
                     "tokens": (step + 1) * opts.batch_size * rows.shape[1], "seconds": round(time.time() - t0, 3),
@@ -394,16 +405,14 @@ def train(
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 bar.update(1)
-                bar.set_postfix(phase=phase, alpha=f"{alpha:.2f}", loss=f"{record['loss']:.4f}",
+                bar.set_postfix(phase=losses.phase, alpha=f"{losses.alpha:.2f}", loss=f"{record['loss']:.4f}",
                                 kd=f"{record['kd']:.4f}", align=f"{record['align']:.4f}")
                 done = step + 1
-                stop = torch.tensor([float(received[0]) if received else 0.0])
-                stop = runtime.all_mean(stop) * runtime.world if runtime.world > 1 else stop
+                signum = _stop_signal(received, runtime)
                 # The last step is checkpointed too: the evaluation and the final write then never risk the training.
-                if stop.item() or done == end or (opts.checkpoint_every and done % opts.checkpoint_every == 0):
+                if signum or done == end or (opts.checkpoint_every and done % opts.checkpoint_every == 0):
                     save_checkpoint(checkpoint, student, optimizer, scheduler, done, fingerprint, runtime)
-                if stop.item():
-                    signum = received[0] if received else signal.SIGTERM
+                if signum:
                     raise Interrupted(signum, done)
     finally:
         bar.close()

@@ -1005,7 +1005,8 @@ class MeltForCausalLM(MeltPreTrainedModel, GenerationMixin):
         `_init_weights` documents. `dtype` defaults to the checkpoint's. Validation is strict: a config whose
         model_type is not "ouro" and any missing, unexpected or misshaped tensor raise one `ValueError` that
         lists them all. Only safetensors are read (nothing is unpickled). `config_overrides` go to `MeltConfig`
-        (e.g. `num_loops=8`, `chunk_size=64`).
+        (e.g. `num_loops=8`, `chunk_size=64`). `path_or_hub_id` may also be an `ouro_checkpoint.OuroCheckpoint`
+        already read, so that several models (a teacher and a student) come from one read of the files.
         """
         from .ouro_checkpoint import load_ouro
 

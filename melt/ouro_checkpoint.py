@@ -9,6 +9,7 @@ project's, so the weight map is the identity; the only new tensors are the MELT 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import os
@@ -248,7 +249,38 @@ def _read_tensors(file: Path):
         ) from None
 
 
-def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overrides):
+class OuroCheckpoint:
+    """An Ouro checkpoint read once, to build several models from (`MeltForCausalLM.from_ouro(checkpoint, ...)`):
+    the converter's teacher, student and evaluation models all come from one read of the files.
+
+    `config` (config.json) is read on construction; the weights on first use of `tensors`, so that a config the
+    caller refuses costs no weight read. `dtype` converts each tensor as it is read (None: the stored dtype).
+    """
+
+    def __init__(self, path_or_hub_id, revision: str | None = None, dtype=None, what: str = "checkpoint"):
+        self.directory = resolve_checkpoint_dir(path_or_hub_id, revision, what)
+        self.dtype = resolve_dtype(dtype)
+        self.config_path = self.directory / "config.json"
+        if not self.config_path.is_file():
+            raise ValueError(f"no config.json in {self.directory}: not a Hugging Face checkpoint directory")
+        self.config = read_json_object(self.config_path, "checkpoint config")
+
+    @functools.cached_property
+    def tensors(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Every stored tensor by name (CPU), and "name (again, in file)" for each name stored a second time."""
+        tensors, repeated = {}, []
+        for file in _weight_files(self.directory):
+            for name, tensor in _read_tensors(file):
+                if name in tensors:
+                    repeated.append(f"{name} (again, in {file.name})")
+                else:
+                    tensors[name] = tensor if self.dtype is None else tensor.to(self.dtype)
+        return tensors, repeated
+
+
+def load_ouro(cls, source, cache_mode, gate_type, dtype, revision, overrides):
+    """`MeltForCausalLM.from_ouro`: `source` is a path or Hub id (read here, for this model alone) or an
+    `OuroCheckpoint` (read before, shared: its tensors are copied, never given to the model)."""
     overrides = dict(check_from_ouro_keywords(overrides))
     aliases = [name for name in _DTYPE_ALIASES if name in overrides]
     if aliases:
@@ -258,15 +290,14 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
     dtype = resolve_dtype(dtype)
     device = _resolve_device(overrides.pop("device_map", None))
 
-    directory = resolve_checkpoint_dir(path_or_hub_id, revision)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"no config.json in {directory}: not a Hugging Face checkpoint directory")
-    ouro = read_json_object(config_path, "checkpoint config")
+    shared = isinstance(source, OuroCheckpoint)
+    if shared and revision is not None:
+        raise ValueError(f"revision={revision!r} applies to Hub ids, but {source.directory} is read already")
+    checkpoint = source if shared else OuroCheckpoint(source, revision, dtype)
     try:
-        config = ouro_config_to_melt(ouro, cache_mode, gate_type, overrides)
+        config = ouro_config_to_melt(checkpoint.config, cache_mode, gate_type, overrides)
     except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
+        raise ValueError(f"{checkpoint.config_path}: {err}") from None
 
     with torch.device("meta"):
         model = cls(config)
@@ -275,26 +306,22 @@ def load_ouro(cls, path_or_hub_id, cache_mode, gate_type, dtype, revision, overr
         expected.pop("lm_head.weight", None)
     new = {name for name in expected if GATE_MARKER in name}
 
-    state, unexpected, misshaped, present = {}, [], [], set()
-    for file in _weight_files(directory):
-        for name, tensor in _read_tensors(file):
-            if name in present:
-                unexpected.append(f"{name} (again, in {file.name})")
-                continue
-            present.add(name)
-            if name not in expected or name in new:
-                unexpected.append(name)
-            elif tuple(tensor.shape) != expected[name]:
-                misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, config implies {expected[name]}")
-            else:
-                state[name] = tensor if dtype is None else tensor.to(dtype)
-    missing = sorted(set(expected) - new - present)
+    tensors, repeated = checkpoint.tensors
+    state, unexpected, misshaped = {}, list(repeated), []
+    for name, tensor in tensors.items():
+        if name not in expected or name in new:
+            unexpected.append(name)
+        elif tuple(tensor.shape) != expected[name]:
+            misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)}, config implies {expected[name]}")
+        else:
+            state[name] = tensor.to(dtype or tensor.dtype, copy=shared)
+    missing = sorted(set(expected) - new - set(tensors))
     if missing or unexpected or misshaped:
         problems = []
         for title, names in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", misshaped)):
             if names:
                 problems.append(f"{len(names)} {title}: " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
-        raise ValueError(f"Ouro checkpoint {directory} does not match its config: " + "; ".join(problems))
+        raise ValueError(f"Ouro checkpoint {checkpoint.directory} does not match its config: " + "; ".join(problems))
 
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:

@@ -176,6 +176,30 @@ def test_the_ouro_config_map_reads_back_what_it_writes():
         melt_config_to_ouro(MeltConfig())
 
 
+def test_from_ouro_builds_several_models_from_one_read(ouro_checkpoint, monkeypatch):
+    from melt import ouro_checkpoint as reader
+
+    _, state, config, tmp_path = ouro_checkpoint
+    directory = write_ouro(tmp_path / "ouro", state, config, shards=2)
+    reads, real = [], reader._read_tensors
+    monkeypatch.setattr(reader, "_read_tensors", lambda file: reads.append(file.name) or real(file))
+    checkpoint = reader.OuroCheckpoint(directory)
+    assert reads == []  # the config alone until a model is built
+    teacher = MeltForCausalLM.from_ouro(checkpoint, cache_mode="per_loop")
+    student = MeltForCausalLM.from_ouro(checkpoint, chunk_size=4, dtype=torch.float64)
+    assert len(reads) == 2  # each shard once, for both models
+    alone = MeltForCausalLM.from_ouro(directory, cache_mode="per_loop")
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], tensor), name
+    assert student.lm_head.weight.dtype == torch.float64 and student.config.chunk_size == 4
+    with torch.no_grad():  # each model owns its weights: changing one leaves the read, and so the next model, alone
+        teacher.lm_head.weight.add_(1.0)
+    assert torch.equal(checkpoint.tensors[0]["lm_head.weight"], state["lm_head.weight"])
+    assert torch.equal(MeltForCausalLM.from_ouro(checkpoint).lm_head.weight, state["lm_head.weight"])
+    with pytest.raises(ValueError, match="revision"):
+        MeltForCausalLM.from_ouro(checkpoint, revision="main")
+
+
 def _drop(state, name):
     return {k: v for k, v in state.items() if k != name}
 

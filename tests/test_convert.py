@@ -126,6 +126,93 @@ def test_alpha_schedule():
     assert [distill.alpha_at(s, 5, interpolate=False) for s in range(7)] == [1.0] * 7
 
 
+def _step_models(ouro_dir):
+    """Teacher and student of the tiny checkpoint, the student's gates far from their init so that alpha shows."""
+    teacher = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="per_loop", chunk_size=4).requires_grad_(False)
+    student = MeltForCausalLM.from_ouro(ouro_dir, cache_mode="shared", chunk_size=4).train()
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if GATE_MARKER in name:
+                param.normal_(0.0, 0.5)
+    return teacher, student
+
+
+def _recorded_calls(model) -> list[dict]:
+    """The keyword arguments of every forward of `model` from now on."""
+    calls, forward = [], model.forward
+    model.forward = lambda *args, **kwargs: calls.append(kwargs) or forward(*args, **kwargs)
+    return calls
+
+
+# (step, phase, alpha) of a 5 + 3 step recipe: the first step, the last phase-1 step, the first phase-2 step.
+BOUNDARIES = [(0, 1, 0.0), (4, 1, 1.0), (5, 2, 1.0)]
+
+
+@pytest.mark.parametrize("step,phase,alpha", BOUNDARIES, ids=["first", "last-of-phase-1", "first-of-phase-2"])
+def test_distill_step_is_the_loss_the_training_loop_computed(ouro_dir, step, phase, alpha):
+    teacher, student = _step_models(ouro_dir)
+    recipe = distill.Recipe(phase1_steps=5, phase2_steps=3, beta=0.25, temperature=2.0)
+    assert (recipe.phase_at(step), recipe.alpha_at(step), recipe.total_steps) == (phase, alpha, 8)
+    ids = torch.randint(0, 512, (2, 16))
+    t_calls, s_calls = _recorded_calls(teacher), _recorded_calls(student)
+    torch.manual_seed(1)
+    got = distill.distill_step(student, teacher, ids, step, recipe)
+    assert (got.phase, got.alpha) == (phase, alpha)
+    assert [c["return_attention_outputs"] for c in t_calls + s_calls] == [phase == 2] * 2
+    assert s_calls[0]["kv_blend_alpha"] == alpha and t_calls[0]["logits_to_keep"] == s_calls[0]["logits_to_keep"] == 1
+    assert got.total.requires_grad
+
+    # What convert/train.py's loop computed inline before distill_step existed, to the bit.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        t = teacher(ids, use_cache=False, return_loop_outputs=True, logits_to_keep=1,
+                    return_attention_outputs=phase == 2)
+    s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=alpha, logits_to_keep=1,
+                return_attention_outputs=phase == 2)
+    kd = distill.kd_loss_from_hidden(student.lm_head, s.loop_hidden_states, teacher.lm_head, t.loop_hidden_states, 2.0)
+    align = distill.alignment_loss(s.attention_outputs, t.attention_outputs) if phase == 2 else kd.new_zeros(())
+    assert torch.equal(got.kd, kd) and torch.equal(got.align, align) and torch.equal(got.total, kd + 0.25 * align)
+
+    # The same terms from the full per-loop logits (another summation order).
+    with torch.no_grad():
+        t = teacher(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
+        s = student(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True, kv_blend_alpha=alpha)
+    full_kd = distill.kd_loss(s.loop_logits, t.loop_logits, 2.0)
+    torch.testing.assert_close(got.kd.detach(), full_kd, rtol=1e-4, atol=1e-7)
+    if phase == 1:
+        assert got.align.item() == 0.0 and torch.equal(got.total, got.kd)
+    else:
+        assert got.align.item() > 0.0 and got.total.item() > got.kd.item()
+        torch.testing.assert_close(got.align.detach(), distill.alignment_loss(s.attention_outputs, t.attention_outputs))
+    assert (got.kd.item() < 1e-6) == (alpha == 0.0)  # at alpha 0 the student is the teacher, whatever its gates
+
+    got.total.backward()
+    assert student.lm_head.weight.grad is not None and all(p.grad is None for p in teacher.parameters())
+
+
+def test_distill_step_without_interpolation_runs_phase_one_at_alpha_one(ouro_dir):
+    from types import SimpleNamespace
+
+    options = SimpleNamespace(phase1_steps=5, phase2_steps=3, no_interpolation=True, beta=0.25, temperature=1.0)
+    recipe = distill.Recipe.from_options(options)
+    assert recipe == distill.Recipe(5, 3, interpolate=False, beta=0.25, temperature=1.0)
+    teacher, student = _step_models(ouro_dir)
+    got = distill.distill_step(student, teacher, torch.randint(0, 512, (2, 16)), 0, recipe)
+    assert (got.phase, got.alpha) == (1, 1.0) and got.kd.item() > 1e-6 and got.align.item() == 0.0
+    assert [recipe.alpha_at(step) for step in range(8)] == [1.0] * 8
+    only_phase_2 = distill.Recipe(0, 3)
+    assert (only_phase_2.phase_at(0), only_phase_2.alpha_at(0)) == (2, 1.0)
+
+
+def test_a_conversion_reads_the_ouro_checkpoint_once(ouro_dir, data_file, tmp_path, monkeypatch):
+    from melt import ouro_checkpoint
+
+    reads, real = [], ouro_checkpoint._read_tensors
+    monkeypatch.setattr(ouro_checkpoint, "_read_tensors", lambda file: reads.append(file.name) or real(file))
+    from_ouro.run(_args(ouro_dir, data_file, tmp_path / "out", "--phase1-steps", "1", "--phase2-steps", "1"))
+    assert reads == ["model.safetensors"]  # teacher, student and the report's teacher and `last` models alike
+
+
 def test_no_interpolation_runs_phase_one_at_alpha_one(ouro_dir, data_file, tmp_path):
     out = tmp_path / "melt"
     report = from_ouro.run(_args(ouro_dir, data_file, out, "--phase1-steps", "3", "--phase2-steps", "1",

@@ -184,7 +184,8 @@ def compare_to_teacher(
         targets = batch[:, 1:].flatten()
         with autocast():
             t_logits = teacher(batch, use_cache=False, return_loop_outputs=True).loop_logits
-        results = {"teacher": {"ce": [F.cross_entropy(x[:, :-1].float().flatten(0, 1), targets, reduction="sum") for x in t_logits]}}
+        teacher_ce = [F.cross_entropy(x[:, :-1].float().flatten(0, 1), targets, reduction="sum") for x in t_logits]
+        results = {"teacher": {"ce": teacher_ce}}
         for name, model in models.items():
             with autocast():
                 logits = model(batch, use_cache=False, return_loop_outputs=True).loop_logits
@@ -199,7 +200,8 @@ def compare_to_teacher(
         count += batch.numel()
     ce_count = rows.shape[0] * (rows.shape[1] - 1)
     return {
-        name: {key: [round(v / (count if key == "kl" else ce_count), 6) for v in values.tolist()] for key, values in metrics.items()}
+        name: {key: [round(v / (count if key == "kl" else ce_count), 6) for v in values.tolist()]
+               for key, values in metrics.items()}
         for name, metrics in sums.items()
     }
 

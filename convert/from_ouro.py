@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from melt.configuration_melt import GATE_TYPES
 
 from . import train as training
@@ -94,22 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--ouro", help=f"Ouro checkpoint: a local directory or a Hub id (default: the embedded {EMBEDDED_OURO})")
-    io.add_argument("--data", nargs="+", help="dataset: Hub id, or local .json/.jsonl/.parquet/.txt files or a directory "
-                    f"(default: the embedded {EMBEDDED_DATA})")
-    io.add_argument("--text-field", default="text", help="record field holding text (records with 'messages' use the chat template)")
+    io.add_argument("--ouro",
+                    help=f"Ouro checkpoint: a local directory or a Hub id (default: the embedded {EMBEDDED_OURO})")
+    io.add_argument("--data", nargs="+",
+                    help="dataset: Hub id, or local .json/.jsonl/.parquet/.txt files or a directory "
+                         f"(default: the embedded {EMBEDDED_DATA})")
+    io.add_argument("--text-field", default="text",
+                    help="record field holding text (records with 'messages' use the chat template)")
     io.add_argument("--split", default="train", help="dataset split (Hub datasets)")
     io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the Ouro checkpoint's)")
-    io.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (refused if it exists, see --overwrite/--resume)")
+    io.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="output directory (refused if it exists, see --overwrite/--resume)")
     io.add_argument("--work-dir", type=Path, help="checkpoints and step log while training (default: <out>.work)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out (a converted model or an empty "
                     "directory) and, without --resume, discard an existing work directory")
-    io.add_argument("--resume", action="store_true", help="continue from the work directory's checkpoint (same options); "
-                    "after a complete training it runs only the evaluation and the final write")
-    io.add_argument("--change-lr", action="store_true", help="with --resume: continue with the --lr/--gate-lr given now "
-                    "instead of the checkpoint's (e.g. after a non-finite loss)")
-    io.add_argument("--push-to-hub", metavar="REPO", help="upload the output directory to this Hub repository at the end")
-    io.add_argument("--keep-work-dir", action="store_true", help="keep the work directory (checkpoint, log) after success")
+    io.add_argument("--resume", action="store_true",
+                    help="continue from the work directory's checkpoint (same options); after a complete training it "
+                         "runs only the evaluation and the final write")
+    io.add_argument("--change-lr", action="store_true",
+                    help="with --resume: continue with the --lr/--gate-lr given now instead of the checkpoint's "
+                         "(e.g. after a non-finite loss)")
+    io.add_argument("--push-to-hub", metavar="REPO",
+                    help="upload the output directory to this Hub repository at the end")
+    io.add_argument("--keep-work-dir", action="store_true",
+                    help="keep the work directory (checkpoint, log) after success")
 
     rec = p.add_argument_group("recipe (defaults come from --preset)")
     rec.add_argument("--preset", choices=("auto", "tiny", "published"), default="auto",
@@ -129,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--warmup-steps", type=int, help="linear lr warm-up steps, then constant (published 0, tiny 5)")
     rec.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     rec.add_argument("--no-interpolation", action="store_true",
-                     help="ablation: phase 1 runs at alpha = 1 (pure MELT) from its first step instead of ramping 0 -> 1")
+                     help="ablation: phase 1 runs at alpha = 1 (pure MELT) from its first step instead of ramping "
+                          "0 -> 1")
     rec.add_argument("--beta", type=float, default=0.1, help="weight of the phase-2 attention-alignment MSE")
     rec.add_argument("--temperature", type=float, default=1.0,
                      help="KD temperature tau: KL(softmax(t/tau) || softmax(s/tau)) * tau^2, over every loop's logits")
@@ -149,10 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                      help="recompute each layer's activations in backward (default: on CUDA, where one 10,000-token "
                           "sequence at the Ouro-1.4B shape ran out of an 80 GB card without it; off on CPU)")
-    run.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (published 50, tiny 25; 0 = only at stops)")
-    run.add_argument("--stop-after", type=int, help="stop after N steps of this invocation, with a checkpoint (for time-sliced jobs); "
-                     "continue with --resume")
-    run.add_argument("--eval-batch-size", type=int, help="sequences per forward in the final report (published 1, tiny 16)")
+    run.add_argument("--checkpoint-every", type=int,
+                     help="save a checkpoint every N steps (published 50, tiny 25; 0 = only at stops)")
+    run.add_argument("--stop-after", type=int,
+                     help="stop after N steps of this invocation, with a checkpoint (for time-sliced jobs); "
+                          "continue with --resume")
+    run.add_argument("--eval-batch-size", type=int,
+                     help="sequences per forward in the final report (published 1, tiny 16)")
     return p
 
 
@@ -164,7 +177,9 @@ def resolve_options(argv=None) -> argparse.Namespace:
         args.ouro = str(EMBEDDED_OURO)
     if args.data is None:
         if not embedded:
-            raise ValueError("--data is required with --ouro (the embedded corpus only fits the embedded tiny checkpoint)")
+            raise ValueError(
+                "--data is required with --ouro (the embedded corpus only fits the embedded tiny checkpoint)"
+            )
         args.data = [str(EMBEDDED_DATA)]
     preset = args.preset if args.preset != "auto" else ("tiny" if embedded else "published")
     args.preset = preset
@@ -251,8 +266,11 @@ def _check_paths(a, runtime) -> None:
         if path.exists() and not path.is_dir():
             raise ValueError(f"{flag} {path} is a file, not a directory; name a directory")
     if _within(a.work_dir, a.out) or _within(a.out, a.work_dir):
-        raise ValueError(f"--work-dir {a.work_dir} and --out {a.out} must be separate directories, neither inside the other")
-    inputs = [("--ouro", a.ouro), *(("--data", d) for d in a.data)] + ([("--tokenizer", a.tokenizer)] if a.tokenizer else [])
+        raise ValueError(
+            f"--work-dir {a.work_dir} and --out {a.out} must be separate directories, neither inside the other"
+        )
+    inputs = [("--ouro", a.ouro), *(("--data", d) for d in a.data)]
+    inputs += [("--tokenizer", a.tokenizer)] if a.tokenizer else []
     for flag, value in inputs:
         source = Path(value).expanduser()
         if not source.exists():
@@ -260,8 +278,8 @@ def _check_paths(a, runtime) -> None:
         source = Path(os.path.abspath(source))
         for target_flag, target in (("--out", a.out), ("--work-dir", a.work_dir)):
             if _within(source, target):
-                raise ValueError(f"{target_flag} {target} holds the input {flag} {value}: the conversion would delete it; "
-                                 f"choose another {target_flag}")
+                raise ValueError(f"{target_flag} {target} holds the input {flag} {value}: the conversion would "
+                                 f"delete it; choose another {target_flag}")
     if a.out.exists():
         if not a.overwrite:
             raise ValueError(f"--out {a.out} already exists; pass --overwrite to replace it" +
@@ -272,15 +290,15 @@ def _check_paths(a, runtime) -> None:
     checkpoint = a.work_dir / "checkpoint.pt"
     foreign = sorted(p.name for p in a.work_dir.iterdir() if p.name not in WORK_FILES) if a.work_dir.is_dir() else []
     if foreign:
-        raise ValueError(f"work directory {a.work_dir} holds files this converter did not write ({', '.join(foreign[:5])}); "
-                         "pass another --work-dir")
+        raise ValueError(f"work directory {a.work_dir} holds files this converter did not write "
+                         f"({', '.join(foreign[:5])}); pass another --work-dir")
     a.stale_work_dir = a.work_dir.exists() and not checkpoint.is_file()
     if a.resume and not checkpoint.is_file():
         raise ValueError(f"--resume: no checkpoint at {checkpoint} (the run stopped before its first checkpoint): "
                          "nothing to resume, run again without --resume")
     if not a.resume and checkpoint.is_file() and not a.overwrite:
-        raise ValueError(f"work directory {a.work_dir} holds a checkpoint from an earlier run; pass --resume to continue "
-                         "it or --overwrite to start over")
+        raise ValueError(f"work directory {a.work_dir} holds a checkpoint from an earlier run; pass --resume to "
+                         "continue it or --overwrite to start over")
 
 
 def _retry_command(argv: list[str], a, resume: bool) -> str:
@@ -326,8 +344,9 @@ def _load_models(a, ouro):
 
 def _load_tokenizer(a, ouro_dir: Path):
     """--tokenizer, or the checkpoint's own; a path that cannot hold one is refused before anything is loaded."""
-    from melt.ouro_checkpoint import looks_like_local_path
     from transformers import AutoTokenizer, PreTrainedConfig
+
+    from melt.ouro_checkpoint import looks_like_local_path
 
     if a.tokenizer and Path(a.tokenizer).expanduser().is_file():
         raise ValueError(f"--tokenizer {a.tokenizer} is a file; pass the directory that holds tokenizer.json")
@@ -346,7 +365,8 @@ def _load_tokenizer(a, ouro_dir: Path):
 def _load_data(a, tokenizer, vocab_size: int):
     if len(tokenizer) > vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the checkpoint's vocab_size is {vocab_size}")
-    documents = load_text_dataset(a.data if len(a.data) > 1 else a.data[0], tokenizer, split=a.split, text_field=a.text_field)
+    data = a.data if len(a.data) > 1 else a.data[0]
+    documents = load_text_dataset(data, tokenizer, split=a.split, text_field=a.text_field)
     rows = pack_sequences(documents, tokenizer, a.seq_len, a.seed)  # [N, L]
     if rows.shape[0] <= a.holdout:
         raise ValueError(f"the data packs into {rows.shape[0]} sequences of {a.seq_len} tokens, not more than the "
@@ -440,7 +460,8 @@ def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -
             ) from err
         raise training.os_error(
             getattr(err, "errno", None) or errno.EIO,
-            f"writing the converted model to {staging} failed ({type(err).__name__}: {err}); {kept}: fix the cause, then {then}",
+            f"writing the converted model to {staging} failed ({type(err).__name__}: {err}); {kept}: fix the cause, "
+            f"then {then}",
         ) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -28,8 +28,8 @@ import errno
 import json
 import math
 import os
-import shutil
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from melt.modeling_melt import GATE_MARKER
 
 from . import distill
@@ -168,7 +169,9 @@ def make_optimizer(model, lr: float, gate_lr: float, weight_decay: float):
 
 def make_scheduler(optimizer, warmup_steps: int):
     """Linear warm-up over `warmup_steps`, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+    )
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -202,7 +205,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, fingerpr
         }
         tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC), not torch's "unexpected pos"
+            # A Python file: a full disk raises OSError(ENOSPC), not torch's "unexpected pos".
+            with open(tmp, "wb") as file:
                 torch.save(payload, file)
             os.replace(tmp, path)  # atomic: the previous checkpoint stays valid until this rename
         except BaseException as err:
@@ -239,13 +243,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fingerprint: dict, 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     payload = read_checkpoint(path)
-    changed = {k: (payload["fingerprint"].get(k), v) for k, v in fingerprint.items() if payload["fingerprint"].get(k) != v}
+    saved = payload["fingerprint"]
+    changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if change_lr:
         changed = {k: v for k, v in changed.items() if k not in LR_OPTIONS}
     if changed:
         detail = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in changed.items())
         only_lr = "" if change_lr else " (to change only --lr/--gate-lr, add --change-lr)"
-        raise ValueError(f"--resume with options that differ from the checkpoint's ({detail}); use the same options{only_lr}")
+        raise ValueError(
+            f"--resume with options that differ from the checkpoint's ({detail}); use the same options{only_lr}"
+        )
     set_state_dict(
         model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
         options=StateDictOptions(full_state_dict=True),

@@ -78,7 +78,8 @@ def looks_like_local_path(path_or_hub_id: str | os.PathLike) -> bool:
     return os.path.isabs(text) or text.startswith(("~", ".")) or not _HUB_ID.fullmatch(text)
 
 
-def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None, what: str = "checkpoint") -> Path:
+def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | None = None,
+                           what: str = "checkpoint") -> Path:
     """A local directory as it is; anything else is a Hub id fetched with huggingface_hub (config, safetensors,
     tokenizer files only). A missing path that cannot be a Hub id is reported as a missing directory."""
     if not str(path_or_hub_id).strip():
@@ -86,7 +87,9 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike, revision: str | No
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         if revision is not None:
-            raise ValueError(f"revision={revision!r} applies to Hub ids, but {path} is a local directory; drop revision")
+            raise ValueError(
+                f"revision={revision!r} applies to Hub ids, but {path} is a local directory; drop revision"
+            )
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; pass the {what} directory that holds config.json")
@@ -285,7 +288,9 @@ def load_ouro(cls, source, cache_mode, gate_type, dtype, revision, overrides):
     aliases = [name for name in _DTYPE_ALIASES if name in overrides]
     if aliases:
         if dtype is not None:
-            raise ValueError(f"pass the dtype once: dtype={dtype!r} and {aliases[0]}={overrides[aliases[0]]!r} were both given")
+            raise ValueError(
+                f"pass the dtype once: dtype={dtype!r} and {aliases[0]}={overrides[aliases[0]]!r} were both given"
+            )
         dtype = overrides.pop(aliases[0])
     dtype = resolve_dtype(dtype)
     device = _resolve_device(overrides.pop("device_map", None))

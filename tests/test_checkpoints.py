@@ -100,7 +100,8 @@ def test_installing_melt_does_not_claim_the_kernels_import_name(tmp_path):
         print("ok", melt_kernels.__name__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -208,9 +209,11 @@ def _drop(state, name):
     "corrupt,match",
     [
         (lambda s, c: (s, {**c, "model_type": "llama"}), "model_type 'llama', expected 'ouro'"),
-        (lambda s, c: (_drop(s, "model.layers.1.mlp.up_proj.weight"), c), "1 missing: model.layers.1.mlp.up_proj.weight"),
+        (lambda s, c: (_drop(s, "model.layers.1.mlp.up_proj.weight"), c),
+         "1 missing: model.layers.1.mlp.up_proj.weight"),
         (lambda s, c: ({**s, "model.extra.weight": torch.zeros(2)}, c), "1 unexpected: model.extra.weight"),
-        (lambda s, c: ({**s, "model.norm.weight": torch.zeros(31)}, c), r"misshaped: model.norm.weight: checkpoint \(31,\)"),
+        (lambda s, c: ({**s, "model.norm.weight": torch.zeros(31)}, c),
+         r"misshaped: model.norm.weight: checkpoint \(31,\)"),
         (lambda s, c: (s, {**c, "hidden_size": 48}), "misshaped"),
         (lambda s, c: (s, {**c, "rope_scaling": {"type": "yarn"}}), "rope_scaling"),
     ],
@@ -280,7 +283,8 @@ def _truncate(d):
          "is not valid JSON"),
         (_write_bytes("model.safetensors.index.json", b'{"weight_map": {"a": "../elsewhere.safetensors"}}'),
          "model.safetensors.index.json", "outside"),
-        (_write_bytes("model.safetensors.index.json", b'{"metadata": {}}'), "model.safetensors.index.json", "weight_map"),
+        (_write_bytes("model.safetensors.index.json", b'{"metadata": {}}'), "model.safetensors.index.json",
+         "weight_map"),
     ],
     ids=["config-truncated", "config-not-object", "weights-empty", "weights-random", "weights-truncated",
          "index-truncated", "index-escapes", "index-no-map"],
@@ -354,7 +358,8 @@ def test_from_ouro_reports_a_tensor_stored_twice(ouro_checkpoint):
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.norm.weight.copy"] = "extra.safetensors"
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"1 unexpected: model.norm.weight \(again, in model-00001-of-00002.safetensors\)"):
+    again = r"1 unexpected: model.norm.weight \(again, in model-00001-of-00002.safetensors\)"
+    with pytest.raises(ValueError, match=again):
         MeltForCausalLM.from_ouro(directory)
 
 

@@ -29,8 +29,9 @@ SMALL = ["--preset", "tiny", "--seq-len", "16", "--chunk-size", "4", "--batch-si
 def ouro_dir(tmp_path_factory):
     """A tiny random Ouro-format checkpoint (3 loops) with the project's tokenizer."""
     torch.manual_seed(0)
-    config = MeltConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        head_dim=8, num_loops=3, max_position_embeddings=128, rope_theta=10_000.0, cache_mode="per_loop")
+    config = MeltConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, head_dim=8, num_loops=3, max_position_embeddings=128,
+                        rope_theta=10_000.0, cache_mode="per_loop")
     model = MeltForCausalLM(config)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-ouro"
     write_ouro_checkpoint(model, TINY_TOKENIZER, path)
@@ -102,7 +103,8 @@ def test_blockwise_kd_from_hidden_states_equals_kd_of_the_logits(ouro_dir, block
     losses, grads = [], []
     for blockwise in (False, True):
         student.zero_grad()
-        s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.5, logits_to_keep=1 if blockwise else 0)
+        s = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.5,
+                    logits_to_keep=1 if blockwise else 0)
         if blockwise:
             assert s.loop_logits[0].shape[1] == 1  # no full logits were made
             loss = distill.kd_loss_from_hidden(student.lm_head, s.loop_hidden_states, teacher.lm_head,
@@ -225,7 +227,8 @@ def test_no_interpolation_runs_phase_one_at_alpha_one(ouro_dir, data_file, tmp_p
 def _phase_loss(model, teacher, rows, phase, beta=0.1):
     with torch.no_grad():
         t = teacher(rows, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
-        s = model(rows, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)  # alpha = 1: the model that phase 1 must reach
+        # alpha = 1: the model that phase 1 must reach
+        s = model(rows, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
         loss = distill.kd_loss(s.loop_logits, t.loop_logits)
         if phase == 2:
             loss = loss + beta * distill.alignment_loss(s.attention_outputs, t.attention_outputs)
@@ -323,7 +326,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(ouro_dir, data_file, tmp
     steps = ["--phase1-steps", "400", "--phase2-steps", "0", "--checkpoint-every", "0"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "melt_convert.from_ouro", *_args(ouro_dir, data_file, out, *steps)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     log = tmp_path / "melt.work" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
@@ -498,7 +502,8 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for action in from_ouro.build_parser()._actions:
         assert action.help, action.dest
-    for option in ("--ouro", "--data", "--phase", "--resume", "--overwrite", "--push-to-hub", "--temperature", "--beta"):
+    options = ("--ouro", "--data", "--phase", "--resume", "--overwrite", "--push-to-hub", "--temperature", "--beta")
+    for option in options:
         assert option in text
 
 

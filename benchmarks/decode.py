@@ -80,15 +80,17 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
     from transformers.cache_utils import StaticCache
 
     rows = []
-    for name in ("melt", "looplm"):
-        model = common.build_model(preset, name)
-        cache = model.new_cache(max_cache_len=context + 1)
-        model(torch.randint(1, 100, (1, context)), cache=cache)
-        with DispatchTally() as tally:
-            model(torch.randint(1, 100, (1, 1)), cache=cache)
-        cfg = model.config
-        rows.append({"model": name, "layers": cfg.num_hidden_layers, "loops": cfg.num_loops, "aten_ops": tally.ops,
-                     "compute_ops": tally.compute_ops})
+    # bf16 too: the dtype a GPU decodes in, where every cast between it and fp32 is one more launch.
+    for dtype in (torch.float32, torch.bfloat16):
+        for name in ("melt", "looplm"):
+            model = common.build_model(preset, name, dtype=dtype)
+            cache = model.new_cache(max_cache_len=context + 1)
+            model(torch.randint(1, 100, (1, context)), cache=cache)
+            with DispatchTally() as tally:
+                model(torch.randint(1, 100, (1, 1)), cache=cache)
+            cfg = model.config
+            rows.append({"model": name, "dtype": str(dtype).removeprefix("torch."), "layers": cfg.num_hidden_layers,
+                         "loops": cfg.num_loops, "aten_ops": tally.ops, "compute_ops": tally.compute_ops})
     kw = common.model_kwargs(preset, "melt")
     llama_cfg = LlamaConfig(
         vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"], intermediate_size=kw["intermediate_size"],
@@ -100,7 +102,7 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
     llama(torch.randint(1, 100, (1, context)), cache=cache)
     with DispatchTally() as tally:
         llama(torch.randint(1, 100, (1, 1)), cache=cache, position_ids=torch.tensor([[context]]))
-    rows.append({"model": "llama (N*T layers)", "layers": llama_cfg.num_hidden_layers, "loops": 1,
+    rows.append({"model": "llama (N*T layers)", "dtype": "float32", "layers": llama_cfg.num_hidden_layers, "loops": 1,
                  "aten_ops": tally.ops, "compute_ops": tally.compute_ops})
     return rows
 

@@ -59,16 +59,19 @@ class MeltRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin `[B, L, head_dim]` for `position_ids` `[B, L]` (rotate-half convention).
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, L, head_dim]` for `position_ids` `[B, L]` (rotate-half convention), computed in fp32 and
+    returned in `dtype`, the dtype of the queries and keys they rotate.
 
-    Computed once per forward and shared by every loop. inv_freq is rebuilt here rather than kept as a
-    buffer: it is D/2 numbers, and no buffer means nothing to re-create after meta-device loading.
+    Computed once per forward and shared by every (layer, loop): cast here once rather than at each of the
+    N*T*2 rotations (a kernel each on a GPU in bf16). inv_freq is rebuilt here rather than kept as a buffer:
+    it is D/2 numbers, and no buffer means nothing to re-create after meta-device loading.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, D]
-    return emb.cos(), emb.sin()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -467,7 +470,7 @@ class MeltModel(MeltPreTrainedModel):
                 f"sequence reaches position {max_position} but max_position_embeddings is "
                 f"{config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
             )
-        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))
         backend = resolve_backend(config.attention_backend, embeds.device)
         rounds = self._plan_rounds(position_ids, real, key_mask, past, length, embeds.device)
         store_rows = store_rows or len(rounds) > 1
@@ -616,7 +619,7 @@ class MeltModel(MeltPreTrainedModel):
                 position_ids = (mask & written).sum(-1, keepdim=True)
         if position_ids is None:
             position_ids = fill.view(1, 1).expand(batch, 1)
-        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta)
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))
         backend = resolve_backend(config.attention_backend, device)
         if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
             # The Triton kernels launch outside a graph (torch.compiler.disable): a captured step attends in PyTorch
@@ -696,11 +699,16 @@ class MeltModel(MeltPreTrainedModel):
             chunk_ids = torch.maximum(chunk_ids, first_real[:, None])
         return chunk_ids - chunk_ids[:, :1]
 
+    @staticmethod
+    def _compute_dtype(embeds: torch.Tensor) -> torch.dtype:
+        """The dtype the projections produce (queries, keys, values, rows): autocast's when it is on."""
+        kind = embeds.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else embeds.dtype
+
     def _row_like(self, embeds: torch.Tensor, batch: int) -> torch.Tensor:
         """A zero-size tensor with the cache rows' batch, heads, head_dim, dtype and device."""
-        kind = embeds.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else embeds.dtype
-        return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim, dtype=dtype)
+        return embeds.new_empty(batch, self.config.num_key_value_heads, 0, self.config.head_dim,
+                                dtype=self._compute_dtype(embeds))
 
     def _full_key_mask(self, attention_mask, batch, total, device, cache) -> torch.Tensor | None:
         if attention_mask is None:

@@ -514,3 +514,31 @@ def test_attention_outputs_are_kept_only_when_asked_for():
     assert len(both.attention_outputs) == 3 and all(len(per_loop) == 2 for per_loop in both.attention_outputs)
     assert both.attention_outputs[0][0].shape == (2, 9, 4 * 8)
     assert max_diff(both.logits, loops_only.logits) == 0.0
+
+
+def test_rotary_tables_come_in_the_activations_dtype_and_rotating_casts_nothing():
+    # cos/sin are cast once per forward (rotary_cos_sin), not at each of the N*T*2 rotations: in bf16 each cast
+    # would be one more kernel launch per (layer, loop) on a GPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from melt.modeling_melt import apply_rotary, rotary_cos_sin
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    positions = torch.arange(7)[None]
+    cos32, sin32 = rotary_cos_sin(positions, 8, 10_000.0)
+    cos, sin = rotary_cos_sin(positions, 8, 10_000.0, torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16
+    assert torch.equal(cos, cos32.to(torch.bfloat16)) and torch.equal(sin, sin32.to(torch.bfloat16))
+    x = torch.randn(1, 2, 7, 8, dtype=torch.bfloat16)
+    with Ops() as ops:
+        rotated = apply_rotary(x, cos, sin)
+    assert "_to_copy" not in ops.names
+    assert torch.equal(rotated, apply_rotary(x, cos32, sin32))

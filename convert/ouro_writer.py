@@ -4,7 +4,7 @@ and the converter read (MELT_SPEC section 1).
 * `config.json`: Ouro's fields in Ouro's order, model_type "ouro", from the one field map both directions share
   (`melt.ouro_checkpoint.OURO_CONFIG_FIELDS`).
 * `model.safetensors`: Ouro's tensor names, which are this project's per_loop names (`lm_head.weight` left out when
-  tied), in the model's dtype; the config says float32, the dtype this project trains its Ouro checkpoints in.
+  tied), in the model's dtype, which the config's `torch_dtype` names.
 * The tokenizer files, copied.
 
 The directory is written beside its target and renamed into place, so a crash never leaves a half-written checkpoint.
@@ -25,6 +25,7 @@ from melt.ouro_checkpoint import melt_config_to_ouro
 def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
     """Write `model` (per_loop) as an Ouro checkpoint directory at `out` (replaced), atomically."""
     config = melt_config_to_ouro(model.config)  # refuses a shared-cache model before anything is written
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the file holds
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")

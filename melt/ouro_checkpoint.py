@@ -26,7 +26,7 @@ from .modeling_melt import GATE_MARKER
 # field holds (the same name but for `total_ut_steps`, Ouro's `num_loops`). A function gives the writer's value of a
 # field the reader does not map: Ouro's identity; the plain case of what MELT leaves out (RoPE scaling, sliding-window
 # layers, attention dropout; the reader refuses checkpoints that use the first two); use_cache on; torch_dtype
-# float32, the dtype this project trains and writes its Ouro checkpoints in.
+# float32, the dtype this project trains its Ouro checkpoints in (a writer of other weights says theirs).
 OURO_CONFIG_FIELDS = {
     "architectures": lambda config: ["OuroForCausalLM"],
     "model_type": lambda config: "ouro",

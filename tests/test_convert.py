@@ -47,6 +47,16 @@ def test_the_writer_rewrites_the_embedded_tiny_ouro_config_byte_for_byte(tmp_pat
         assert (tmp_path / "tiny-ouro" / name).read_bytes() == (TRAINED / name).read_bytes(), name
 
 
+def test_the_writer_names_the_dtype_it_writes(tmp_path):
+    model = MeltForCausalLM(MeltConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, head_dim=8, num_loops=2, cache_mode="per_loop"))
+    write_ouro_checkpoint(model.to(torch.bfloat16), None, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = MeltForCausalLM.from_ouro(tmp_path / "bf16", cache_mode="per_loop", dtype="auto")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     lines = TINY_CORPUS.read_text().splitlines()[:150]  # text and chat records both

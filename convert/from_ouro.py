@@ -497,6 +497,8 @@ def run(argv=None) -> dict | None:
         ouro = OuroCheckpoint(a.ouro, what="--ouro checkpoint")  # read once: every model of the run is built from it
         tokenizer = _load_tokenizer(a, ouro.directory)
         teacher, student = _load_models(a, ouro)
+        if not runtime.is_main:
+            ouro.release()  # only rank 0 builds models after training (the full student, the report's models)
         train_rows, eval_rows = _load_data(a, tokenizer, teacher.config.vocab_size)
         if a.gradient_checkpointing or (a.gradient_checkpointing is None and runtime.device.type == "cuda"):
             student.activation_checkpointing_enable()

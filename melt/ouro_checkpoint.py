@@ -280,6 +280,10 @@ class OuroCheckpoint:
                     tensors[name] = tensor if self.dtype is None else tensor.to(self.dtype)
         return tensors, repeated
 
+    def release(self) -> None:
+        """Drop the tensors read so far, e.g. on a process that builds no more models; a later build reads again."""
+        self.__dict__.pop("tensors", None)
+
 
 def load_ouro(cls, source, cache_mode, gate_type, dtype, revision, overrides):
     """`MeltForCausalLM.from_ouro`: `source` is a path or Hub id (read here, for this model alone) or an

@@ -199,6 +199,11 @@ def test_from_ouro_builds_several_models_from_one_read(ouro_checkpoint, monkeypa
     assert torch.equal(MeltForCausalLM.from_ouro(checkpoint).lm_head.weight, state["lm_head.weight"])
     with pytest.raises(ValueError, match="revision"):
         MeltForCausalLM.from_ouro(checkpoint, revision="main")
+    checkpoint.release()  # what a converter process that builds no more models does: the next build reads again
+    before = len(reads)
+    assert "tensors" not in vars(checkpoint)
+    assert torch.equal(MeltForCausalLM.from_ouro(checkpoint).lm_head.weight, state["lm_head.weight"])
+    assert len(reads) == before + 2
 
 
 def _drop(state, name):

@@ -45,7 +45,12 @@ from .configuration_melt import MeltConfig, validate_exit_step, validate_num_loo
 
 
 class MeltRMSNorm(nn.Module):
-    """RMSNorm as Ouro computes it: normalise in fp32 (fp64 stays fp64), cast back to the input dtype, then scale."""
+    """RMSNorm as Ouro computes it: normalise in fp32 (fp64 stays fp64), cast back to the input dtype, then scale.
+
+    The normalisation is torch's `F.rms_norm` without a weight: on CPU it decomposes into exactly the lines Ouro
+    writes (bit-identical), and on CUDA it can run as one fused kernel; the weight is applied after the cast back,
+    as Ouro does, which a fused weighted call would not do.
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -54,9 +59,8 @@ class MeltRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.to(torch.promote_types(dtype, torch.float32))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(dtype)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,

@@ -61,3 +61,41 @@ def logits_in_pieces(model: MeltForCausalLM, ids: torch.Tensor, edges: list[int]
         cache = out.cache
         pieces.append(out.logits)
     return torch.cat(pieces, 1)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute elementwise difference (NaN when either holds NaN), to show two results differ."""
+    return (a - b).abs().max().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0,
+                 name: str = "result") -> None:
+    """The suite's one numeric comparison. Fails on a shape mismatch, on any NaN, on infinities that differ from
+    the reference's, and when the error is above both bounds: its RMS relative to the reference's RMS above `rtol`
+    and its largest element above `atol` (rtol = 0: every element within `atol`)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    if torch.isnan(expected).any():
+        raise AssertionError(f"{name}: the reference holds NaN (test bug)")
+    nan = torch.isnan(actual)
+    if nan.any():
+        idx = tuple(nan.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: {int(nan.sum())} of {actual.numel()} elements are NaN, first at {idx}")
+    inf = torch.isinf(expected)
+    bad_inf = (torch.isinf(actual) | inf) & (actual != expected)
+    if bad_inf.any():
+        idx = tuple(bad_inf.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: infinities differ at {idx}: got {actual[idx]}, expected {expected[idx]}")
+    actual, expected = actual[~inf], expected[~inf]
+    if expected.numel() == 0:
+        return
+    err = (actual - expected).abs()
+    rel_rms = (err.square().mean().sqrt() / expected.square().mean().sqrt().clamp_min(1e-30)).item()
+    max_abs = err.max().item()
+    if rel_rms > rtol and max_abs > atol:
+        i = int(err.argmax())
+        raise AssertionError(
+            f"{name}: relative RMS error {rel_rms:.3e} > {rtol:.0e} and max abs error {max_abs:.3e} > {atol:.0e} "
+            f"(worst element: got {actual[i].item():.6g}, expected {expected[i].item():.6g})"
+        )

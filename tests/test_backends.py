@@ -9,7 +9,7 @@ import torch
 
 from melt import override_backend
 from melt.attention import resolve_backend
-from melt_testing import tiny_model
+from melt_testing import assert_close, tiny_model
 
 BACKENDS = ["eager", "sdpa", "triton"]
 
@@ -46,11 +46,10 @@ def test_backends_agree_on_logits_and_gradients(setup, backend, monkeypatch):
                         lambda *a, **k: reference_calls.append(1) or original(*a, **k))
     logits, grads = _run(model, ids, mask, backend)
     assert not reference_calls, "the triton backend fell back to the reference: the kernels were not exercised"
-    assert (logits - ref_logits).abs().max() < 1e-4
+    assert_close(logits, ref_logits, atol=1e-4)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
-        scale = ref_grads[name].abs().max().clamp(min=1e-6)
-        assert ((grad - ref_grads[name]).abs().max() / scale) < 1e-3, name
+        assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-6, name=name)
 
 
 def test_triton_backend_under_autocast_matches_eager(setup):
@@ -64,11 +63,10 @@ def test_triton_backend_under_autocast_matches_eager(setup):
             results[backend] = _run(model, ids, mask, backend)
     (logits, grads), (ref_logits, ref_grads) = results["triton"], results["eager"]
     assert logits.dtype == ref_logits.dtype
-    assert (logits.float() - ref_logits.float()).abs().max() < 2e-2
+    assert_close(logits.float(), ref_logits.float(), atol=2e-2)
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
-        scale = ref_grads[name].abs().max().clamp(min=1e-6)
-        assert ((grad - ref_grads[name]).abs().max() / scale) < 2e-2, name
+        assert_close(grad, ref_grads[name], rtol=2e-2, atol=1e-6, name=name)
 
 
 def test_triton_backend_cached_decode_matches_eager():
@@ -80,7 +78,7 @@ def test_triton_backend_cached_decode_matches_eager():
         with override_backend(backend), torch.no_grad():
             cache = model(ids[:, :4]).cache
             results[backend] = model(ids[:, 4:], cache=cache).logits
-    assert (results["eager"] - results["triton"]).abs().max() < 1e-4
+    assert_close(results["eager"], results["triton"], atol=1e-4)
 
 
 def test_backend_choice_override_environment_and_errors(monkeypatch):
@@ -142,20 +140,20 @@ def test_prefix_lengths_equal_truncated_prefix_per_sequence(backend):
     upstream = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, upstream)
     full = chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend, prefix_lengths=torch.full((3,), S))
-    assert (full - chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend)).abs().max() < 1e-5
+    assert_close(full, chunk_attention(q, k, v, k_buf, v_buf, key_mask, backend), atol=1e-5)
     for b, n in enumerate(lengths.tolist()):
         ref_leaves = [t[b : b + 1].clone().requires_grad_() for t in (q, k, v)]
         ref_leaves += [t[b : b + 1, :, :n].clone().requires_grad_() for t in (k_buf, v_buf)]
         mask_b = torch.cat([key_mask[b : b + 1, :n], key_mask[b : b + 1, S:]], dim=1)
         ref = chunk_attention(*ref_leaves, mask_b, "eager")
-        assert torch.allclose(out[b : b + 1], ref, atol=1e-5, rtol=0)
+        assert_close(out[b : b + 1], ref, atol=1e-5)
         ref_grads = torch.autograd.grad(ref, ref_leaves, upstream[b : b + 1], allow_unused=True, materialize_grads=True)
         for i, (g, rg) in enumerate(zip(grads, ref_grads)):
             g = g[b : b + 1]
             if i >= 3:  # prefix buffers: the rows past the length get no gradient
                 assert torch.equal(g[:, :, n:], torch.zeros_like(g[:, :, n:]))
                 g = g[:, :, :n]
-            assert torch.allclose(g, rg, atol=1e-5, rtol=0)
+            assert_close(g, rg, atol=1e-5, name=f"gradient {i}")
 
 
 def test_eager_prefix_lengths_compile_fullgraph():
@@ -169,12 +167,12 @@ def test_eager_prefix_lengths_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     lengths = torch.tensor([0, 4, 9])
     out = compiled(q, k, v, k_buf, v_buf, key_mask, lengths)
-    assert (out - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+    assert_close(out, step(q, k, v, k_buf, v_buf, key_mask, lengths), atol=1e-5)
     # New lengths are data, not shapes: the same graph serves them.
     lengths = torch.tensor([3, 3, 1])
     with torch.compiler.set_stance("fail_on_recompile"):
         out = compiled(q, k, v, k_buf, v_buf, key_mask, lengths)
-    assert (out - step(q, k, v, k_buf, v_buf, key_mask, lengths)).abs().max() < 1e-5
+    assert_close(out, step(q, k, v, k_buf, v_buf, key_mask, lengths), atol=1e-5)
 
 
 # forced backends serve a call or refuse it; "auto" chooses ----------------------------------------------------------
@@ -186,10 +184,10 @@ def test_forced_sdpa_serves_calls_without_prefix_and_refuses_a_prefix():
     q, k, v, k_buf, v_buf, key_mask = _attention_inputs()
     chunk_mask = key_mask[:, k_buf.shape[2]:]
     eager = chunk_attention(q, k, v, None, None, chunk_mask, "eager")
-    assert torch.allclose(chunk_attention(q, k, v, None, None, chunk_mask, "sdpa"), eager, atol=1e-5)
+    assert_close(chunk_attention(q, k, v, None, None, chunk_mask, "sdpa"), eager, atol=1e-5)
     # an empty prefix is no prefix
     empty = k_buf[:, :, :0]
-    assert torch.allclose(chunk_attention(q, k, v, empty, empty, chunk_mask, "sdpa"), eager, atol=1e-5)
+    assert_close(chunk_attention(q, k, v, empty, empty, chunk_mask, "sdpa"), eager, atol=1e-5)
     with pytest.raises(ValueError, match=r"'sdpa' cannot attend over prefix rows \(P = 9\).*'eager'.*'auto'"):
         chunk_attention(q, k, v, k_buf, v_buf, key_mask, "sdpa")
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from melt import MeltConfig, MeltForCausalLM
 from melt.ouro_checkpoint import OURO_TO_MELT, melt_config_to_ouro, ouro_config_to_melt
-from melt_testing import tiny_model
+from melt_testing import assert_close, tiny_model
 from ouro_reference import ouro_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,10 +145,10 @@ def test_from_ouro_gives_the_reference_logits(ouro_checkpoint, shards):
     ids = torch.randint(0, 61, (1, 12))
     ref_logits, _ = ouro_forward(state, teacher.config.to_dict(), ids[0], teacher.config.num_loops)
     loaded = MeltForCausalLM.from_ouro(directory, cache_mode="per_loop")
-    assert (loaded(ids).logits[0] - ref_logits[-1]).abs().max() < 1e-5
+    assert_close(loaded(ids).logits[0], ref_logits[-1], atol=1e-5)
     student = MeltForCausalLM.from_ouro(directory, chunk_size=4)  # shared + elementwise gate, fresh
     assert student.config.cache_mode == "shared" and student.config.chunk_size == 4
-    assert (student(ids, kv_blend_alpha=0.0).logits[0] - ref_logits[-1]).abs().max() < 1e-5
+    assert_close(student(ids, kv_blend_alpha=0.0).logits[0], ref_logits[-1], atol=1e-5)
     gate = student.model.layers[0].gate
     assert torch.equal(gate.W, torch.zeros_like(gate.W)) and torch.all(gate.b == student.config.gate_bias_init)
     assert not any(p.is_meta for p in student.parameters())

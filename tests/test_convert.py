@@ -18,6 +18,7 @@ from melt_convert import distill, from_ouro, train
 from melt_convert.data import TINY_CORPUS, TINY_TOKENIZER
 from melt_convert.ouro_writer import write_ouro_checkpoint
 from melt_convert.train_tiny_ouro import teacher_config
+from melt_testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = from_ouro.EMBEDDED_OURO  # the trained tiny Ouro (4 loops): learning is measurable against it
@@ -93,10 +94,10 @@ def test_alpha_zero_student_equals_teacher_exactly(ouro_dir):
     # Exact up to fp32 rounding: the student attends chunk by chunk (prefix rows + chunk rows), the teacher in
     # one pass, so the softmax reductions run in another order.
     for a, b in zip(s.loop_logits, t.loop_logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert_close(a, b, atol=1e-5)
     for s_loop, t_loop in zip(s.attention_outputs, t.attention_outputs, strict=True):
         for a, b in zip(s_loop, t_loop, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            assert_close(a, b, atol=1e-5)
     assert abs(distill.kd_loss(s.loop_logits, t.loop_logits).item()) < 1e-7
     assert distill.alignment_loss(s.attention_outputs, t.attention_outputs).item() < 1e-10
     moved = student(ids, use_cache=False, return_loop_outputs=True, kv_blend_alpha=0.5)
@@ -127,7 +128,7 @@ def test_blockwise_kd_from_hidden_states_equals_kd_of_the_logits(ouro_dir, block
     assert losses[0] > 1e-6 and abs(losses[0] - losses[1]) < 1e-4 * losses[0]  # fp32 matmuls of other shapes
     assert grads[0].keys() == grads[1].keys() and "lm_head.weight" in grads[0]
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, name=name)
     assert not any(p.grad is not None for p in teacher.parameters())
     with pytest.raises(ValueError, match="loops"):
         distill.kd_loss_from_hidden(student.lm_head, s.loop_hidden_states[:1], teacher.lm_head, t.loop_hidden_states)
@@ -190,12 +191,13 @@ def test_distill_step_is_the_loss_the_training_loop_computed(ouro_dir, step, pha
         t = teacher(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True)
         s = student(ids, use_cache=False, return_loop_outputs=True, return_attention_outputs=True, kv_blend_alpha=alpha)
     full_kd = distill.kd_loss(s.loop_logits, t.loop_logits, 2.0)
-    torch.testing.assert_close(got.kd.detach(), full_kd, rtol=1e-4, atol=1e-7)
+    assert_close(got.kd.detach(), full_kd, rtol=1e-4, atol=1e-7)
     if phase == 1:
         assert got.align.item() == 0.0 and torch.equal(got.total, got.kd)
     else:
         assert got.align.item() > 0.0 and got.total.item() > got.kd.item()
-        torch.testing.assert_close(got.align.detach(), distill.alignment_loss(s.attention_outputs, t.attention_outputs))
+        assert_close(got.align.detach(), distill.alignment_loss(s.attention_outputs, t.attention_outputs),
+                     rtol=1.3e-6, atol=1e-5)
     assert (got.kd.item() < 1e-6) == (alpha == 0.0)  # at alpha 0 the student is the teacher, whatever its gates
 
     got.total.backward()
@@ -323,7 +325,7 @@ def test_kill_and_resume_reaches_the_same_weights(ouro_dir, data_file, tmp_path)
     a, b = load_file(whole / "model.safetensors"), load_file(pieces / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+        assert_close(b[name], a[name], atol=1e-6, name=name)
     assert [r["step"] for r in _log(pieces / "train_log.jsonl")] == list(range(8))
     assert [r["loss"] for r in _log(pieces / "train_log.jsonl")] == [r["loss"] for r in _log(whole / "train_log.jsonl")]
 
@@ -379,7 +381,7 @@ def test_two_gloo_processes_match_one(ouro_dir, data_file, tmp_path):
     assert report["processes"] == 2
     w1, w2 = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, name=name)
 
 
 def _corrupt(src: Path, dst: Path, edit) -> Path:

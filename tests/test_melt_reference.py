@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from melt_reference import chunks_of, melt_forward
-from melt_testing import tiny_model
+from melt_testing import assert_close, tiny_model
 
 ATOL = 2e-5
 GATES = ["elementwise", "scalar", "mean", "ema", "last"]
@@ -26,7 +26,7 @@ def test_shared_mode_equals_the_reference(gate_type, chunk):
         logits = model(ids, use_cache=False, logits_to_keep=0).logits
     for b in range(2):
         expected = reference(model, ids[b], chunks_of(10, chunk))
-        assert (logits[b] - expected).abs().max() < ATOL
+        assert_close(logits[b], expected, atol=ATOL)
 
 
 def test_left_padded_batch_equals_the_reference_per_sequence():
@@ -36,8 +36,8 @@ def test_left_padded_batch_equals_the_reference_per_sequence():
     mask[1, :4] = 0  # sequence 1 is 7 tokens: its chunks start at its own positions 0, 3, 6
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
-    assert (logits[0] - reference(model, ids[0], chunks_of(11, 3))).abs().max() < ATOL
-    assert (logits[1, 4:] - reference(model, ids[1, 4:], chunks_of(7, 3))).abs().max() < ATOL
+    assert_close(logits[0], reference(model, ids[0], chunks_of(11, 3)), atol=ATOL)
+    assert_close(logits[1, 4:], reference(model, ids[1, 4:], chunks_of(7, 3)), atol=ATOL)
 
 
 def test_phase_one_blend_equals_the_reference():
@@ -45,7 +45,7 @@ def test_phase_one_blend_equals_the_reference():
     ids = torch.randint(0, 61, (1, 10))
     with torch.no_grad():
         logits = model(ids, kv_blend_alpha=0.3).logits[0]
-    assert (logits - reference(model, ids[0], chunks_of(10, 3), blend=0.3)).abs().max() < ATOL
+    assert_close(logits, reference(model, ids[0], chunks_of(10, 3), blend=0.3), atol=ATOL)
 
 
 @pytest.mark.parametrize("preallocated", [False, True], ids=["dynamic", "preallocated"])
@@ -57,4 +57,4 @@ def test_token_by_token_decode_equals_the_reference(preallocated):
         pieces = [model(ids[:, :6], cache=cache).logits]
         pieces += [model(ids[:, i : i + 1], cache=cache).logits for i in range(6, 10)]
     expected = reference(model, ids[0], chunks_of(10, 3, then_single_from=6))
-    assert (torch.cat(pieces, dim=1)[0] - expected).abs().max() < ATOL
+    assert_close(torch.cat(pieces, dim=1)[0], expected, atol=ATOL)

@@ -5,14 +5,11 @@ import torch
 
 from melt import MeltCache, MeltConfig, MeltForCausalLM, override_backend
 from melt.modeling_melt import GATE_MARKER, MeltLatentGate, select_exit_loop
-from melt_testing import logits_in_pieces, tiny_config, tiny_model, twin
+from melt_testing import assert_close, logits_in_pieces, max_diff, tiny_config, tiny_model, twin
 from ouro_reference import exit_probs, ouro_forward, select_logits
 
 ATOL = 1e-5
 
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 # 1. per_loop = Ouro ---------------------------------------------------------------------------------------
@@ -26,10 +23,10 @@ def test_per_loop_matches_independent_ouro_reference(num_loops):
     state, cfg = model.state_dict(), model.config.to_dict()
     for b in range(2):
         ref_logits, ref_exit = ouro_forward(state, cfg, ids[b], num_loops)
-        assert max_diff(out.logits[b], ref_logits[-1]) < ATOL
+        assert_close(out.logits[b], ref_logits[-1], atol=ATOL)
         for t in range(num_loops):
-            assert max_diff(out.loop_logits[t][b], ref_logits[t]) < ATOL
-        assert max_diff(out.exit_probs[b].T, exit_probs(ref_exit)) < ATOL
+            assert_close(out.loop_logits[t][b], ref_logits[t], atol=ATOL)
+        assert_close(out.exit_probs[b].T, exit_probs(ref_exit), atol=ATOL)
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 0.95])
@@ -48,12 +45,12 @@ def test_exit_threshold_and_fixed_step_select_like_ouro(threshold):
     out = model(ids, return_loop_outputs=True)
     loop = select_exit_loop(out.exit_probs[0], threshold)  # [L]
     chosen = torch.stack(out.loop_logits)[loop, 0, torch.arange(ids.shape[1])]
-    assert max_diff(chosen, select_logits(ref_logits, probs, threshold=threshold)) < ATOL
+    assert_close(chosen, select_logits(ref_logits, probs, threshold=threshold), atol=ATOL)
     # Stopping at the threshold changes nothing for the first token (no earlier row to differ).
     stopped = model(ids, early_exit_threshold=threshold).logits[0]
-    assert max_diff(stopped[0], chosen[0]) < ATOL
+    assert_close(stopped[0], chosen[0], atol=ATOL)
     fixed = model(ids, exit_at_step=1).logits[0]
-    assert max_diff(fixed, ref_logits[1]) < ATOL
+    assert_close(fixed, ref_logits[1], atol=ATOL)
     # the set-up is not vacuous: the threshold picks different loops for different tokens
     reached = probs.cumsum(0) >= threshold
     first = torch.where(reached.any(0), reached.float().argmax(0), 3)
@@ -64,7 +61,7 @@ def test_per_loop_decode_with_cache_matches_full_forward():
     model = tiny_model(cache_mode="per_loop")
     ids = torch.randint(0, 61, (2, 9))
     full = model(ids, use_cache=False).logits
-    assert max_diff(logits_in_pieces(model, ids, list(range(10))), full) < ATOL
+    assert_close(logits_in_pieces(model, ids, list(range(10))), full, atol=ATOL)
 
 
 # 2. shared: chunking and the cache --------------------------------------------------------------------------
@@ -74,7 +71,7 @@ def test_shared_chunk_size_one_equals_token_by_token_decode():
     model = tiny_model(chunk_size=1)
     ids = torch.randint(0, 61, (2, 10))
     full = model(ids, use_cache=False).logits
-    assert max_diff(logits_in_pieces(model, ids, list(range(11))), full) < ATOL
+    assert_close(logits_in_pieces(model, ids, list(range(11))), full, atol=ATOL)
 
 
 @pytest.mark.parametrize("chunk,splits", [(4, [4, 12]), (3, [3, 6, 9]), (5, [10])])
@@ -82,7 +79,7 @@ def test_chunked_forward_equals_cached_calls_split_at_chunk_multiples(chunk, spl
     model = tiny_model(chunk_size=chunk)
     ids = torch.randint(0, 61, (2, 14))
     full = model(ids, use_cache=False).logits
-    assert max_diff(logits_in_pieces(model, ids, [0, *splits, 14]), full) < ATOL
+    assert_close(logits_in_pieces(model, ids, [0, *splits, 14]), full, atol=ATOL)
 
 
 def test_chunk_size_changes_shared_results():
@@ -102,10 +99,10 @@ def test_blend_alpha_zero_equals_per_loop(chunk):
     ids = torch.randint(0, 61, (2, 11))
     blended = model(ids, kv_blend_alpha=0.0, return_loop_outputs=True, return_attention_outputs=True)
     reference = ouro(ids, return_loop_outputs=True, return_attention_outputs=True)
-    assert max_diff(blended.logits, reference.logits) < ATOL
+    assert_close(blended.logits, reference.logits, atol=ATOL)
     for t in range(3):
         for layer in range(2):
-            assert max_diff(blended.attention_outputs[t][layer], reference.attention_outputs[t][layer]) < ATOL
+            assert_close(blended.attention_outputs[t][layer], reference.attention_outputs[t][layer], atol=ATOL)
     assert max_diff(model(ids, kv_blend_alpha=1.0).logits, model(ids).logits) == 0.0
     assert max_diff(model(ids, kv_blend_alpha=0.5).logits, reference.logits) > 1e-4
 
@@ -117,7 +114,7 @@ def test_blend_through_a_cache_equals_one_call_and_keeps_its_alpha():
     cache = model.new_cache(keep_loop_rows=True)
     parts = [model(ids[:, :8], kv_blend_alpha=0.3, cache=cache).logits,
              model(ids[:, 8:], kv_blend_alpha=0.3, cache=cache).logits]
-    assert max_diff(torch.cat(parts, dim=1), whole) < ATOL
+    assert_close(torch.cat(parts, dim=1), whole, atol=ATOL)
     for alpha in (0.5, None):  # the loop slots hold rows blended with 0.3 (None: MELT alone writes no loop rows)
         with pytest.raises(ValueError, match="same kv_blend_alpha"):
             model(ids[:, :1], kv_blend_alpha=alpha, cache=cache)
@@ -128,14 +125,14 @@ def test_single_loop_shared_equals_per_loop_for_any_chunk(chunk):
     model = tiny_model(num_loops=1, chunk_size=chunk)
     ouro = twin(model, cache_mode="per_loop")
     ids = torch.randint(0, 61, (2, 12))
-    assert max_diff(model(ids).logits, ouro(ids).logits) < ATOL
+    assert_close(model(ids).logits, ouro(ids).logits, atol=ATOL)
 
 
 def test_last_gate_one_chunk_equals_per_loop():
     model = tiny_model(gate_type="last", chunk_size=64)
     ouro = twin(model, cache_mode="per_loop")
     ids = torch.randint(0, 61, (2, 15))
-    assert max_diff(model(ids).logits, ouro(ids).logits) < ATOL
+    assert_close(model(ids).logits, ouro(ids).logits, atol=ATOL)
     # with several chunks, queries see earlier chunks' FINAL rows instead of the current loop's: different
     assert max_diff(twin(model, chunk_size=4)(ids).logits, ouro(ids).logits) > 1e-4
 
@@ -175,7 +172,7 @@ def test_num_loops_override_per_call_keeps_shared_memory():
     assert max_diff(model(ids, num_loops=5).logits, model(ids).logits) > 1e-4
     loaded = MeltForCausalLM(MeltConfig(**{**model.config.to_dict(), "num_loops": 5})).eval()
     loaded.load_state_dict(model.state_dict())
-    assert max_diff(loaded(ids).logits, model(ids, num_loops=5).logits) < ATOL
+    assert_close(loaded(ids).logits, model(ids, num_loops=5).logits, atol=ATOL)
 
 
 def test_cache_crop_reset_and_batch_select():
@@ -186,12 +183,12 @@ def test_cache_crop_reset_and_batch_select():
     assert cache.get_seq_length() == 4
     cropped = model(ids[:, 4:8], cache=cache).logits
     fresh = model(ids[:, 4:8], cache=model(ids[:, :4]).cache).logits
-    assert max_diff(cropped, fresh) < ATOL
+    assert_close(cropped, fresh, atol=ATOL)
     cache.batch_select_indices(torch.tensor([2, 0]))
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0
     again = model(ids[[2, 0], :3], cache=cache).logits
-    assert max_diff(again, model(ids[[2, 0], :3]).logits) < ATOL
+    assert_close(again, model(ids[[2, 0], :3]).logits, atol=ATOL)
 
 
 def test_reorder_cache_permutes_sequences():
@@ -202,7 +199,7 @@ def test_reorder_cache_permutes_sequences():
     nxt = torch.randint(0, 61, (3, 1))
     reordered = model(nxt, cache=cache).logits
     direct = model(nxt, cache=model(ids[[2, 2, 0]]).cache).logits
-    assert max_diff(reordered, direct) < ATOL
+    assert_close(reordered, direct, atol=ATOL)
 
 
 # padding and chunk boundaries per sequence ------------------------------------------------------------------
@@ -220,14 +217,14 @@ def test_left_padded_batch_forward_matches_each_sequence(cache_mode):
     out = model(ids, attention_mask=mask)
     for b, s in enumerate(seqs):
         single = model(s[None]).logits[0]
-        assert max_diff(out.logits[b, 11 - len(s) :], single) < ATOL
+        assert_close(out.logits[b, 11 - len(s) :], single, atol=ATOL)
     # continuing the padded cache equals continuing each sequence alone
     nxt = torch.randint(1, 61, (3, 4))
     cont = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1),
                  cache=out.cache).logits
     for b, s in enumerate(seqs):
         single_cache = model(s[None]).cache
-        assert max_diff(cont[b], model(nxt[b : b + 1], cache=single_cache).logits[0]) < ATOL
+        assert_close(cont[b], model(nxt[b : b + 1], cache=single_cache).logits[0], atol=ATOL)
 
 
 # 5. generation ------------------------------------------------------------------------------------------------
@@ -302,13 +299,13 @@ def test_gate_types_follow_the_spec(gate_type):
         if t == 0 or gate_type == "last":
             assert torch.equal(s, a)
         elif gate_type == "mean":
-            assert max_diff(s, torch.stack(inputs[: t + 1]).mean(0)) < 1e-6
+            assert_close(s, torch.stack(inputs[: t + 1]).mean(0), atol=1e-6)
         elif gate_type == "ema":
-            assert max_diff(s, 0.3 * previous + 0.7 * a) < 1e-6
+            assert_close(s, 0.3 * previous + 0.7 * a, atol=1e-6)
         else:
             z = torch.sigmoid(a @ gate.W.T + previous @ gate.U.T + gate.b)
             assert z.shape[-1] == (32 if gate_type == "elementwise" else 1)
-            assert max_diff(s, z * previous + (1 - z) * a) < 1e-6
+            assert_close(s, z * previous + (1 - z) * a, atol=1e-6)
     expected = {"elementwise": 2 * 32 * 32 + 32, "scalar": 2 * 32 + 1}.get(gate_type, 0)
     assert sum(p.numel() for p in gate.parameters()) == expected
 
@@ -402,7 +399,7 @@ def test_gradients_follow_a_reordered_cache():
         (logits[:, -1:] * weights[order]).sum().backward()
         return x.grad
 
-    assert max_diff(gradient(True), gradient(False)) < 1e-6
+    assert_close(gradient(True), gradient(False), atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -416,7 +413,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     model(ids, labels=ids, use_cache=False).loss.backward()
     for name, grad in plain.items():
-        assert max_diff(model.get_parameter(name).grad, grad) < 1e-6, name
+        assert_close(model.get_parameter(name).grad, grad, atol=1e-6, name=name)
 
 
 # backends, GQA, validation ---------------------------------------------------------------------------------------
@@ -430,7 +427,7 @@ def test_eager_and_sdpa_backends_agree():
         eager = model(ids, attention_mask=mask).logits
     with override_backend("sdpa"):
         sdpa = model(ids, attention_mask=mask).logits
-    assert max_diff(eager, sdpa) < ATOL
+    assert_close(eager, sdpa, atol=ATOL)
     with override_backend("sdpa"), pytest.raises(ValueError, match="'sdpa' cannot attend over prefix rows"):
         tiny_model(chunk_size=4)(ids, attention_mask=mask)
 

@@ -5,13 +5,10 @@ import pytest
 import torch
 
 from melt import MeltCache
-from melt_testing import tiny_model
+from melt_testing import assert_close, tiny_model
 
 ATOL = 1e-5
 
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 def decode(model, ids, mask, cache, step=None):
@@ -40,15 +37,15 @@ def test_static_equals_dynamic_equals_full_forward(cache_mode, padded):
     static = decode(model, ids, mask, model.new_cache(max_cache_len=16))
     dynamic = decode(model, ids, mask, model.new_cache())
     real = slice(None) if mask is None else mask.bool()
-    assert max_diff(static[real], dynamic[real]) < ATOL
-    assert max_diff(static[real], full[real]) < ATOL
+    assert_close(static[real], dynamic[real], atol=ATOL)
+    assert_close(static[real], full[real], atol=ATOL)
 
 
 def test_static_decode_with_chunked_prefill_equals_dynamic():
     model = tiny_model(chunk_size=2)
     ids = torch.randint(1, 61, (2, 8))
     static = decode(model, ids, None, model.new_cache(max_cache_len=8))
-    assert max_diff(static, decode(model, ids, None, model.new_cache())) < ATOL
+    assert_close(static, decode(model, ids, None, model.new_cache()), atol=ATOL)
 
 
 def test_preallocated_cache_allocates_once_and_never_moves():
@@ -84,7 +81,7 @@ def test_crop_and_reorder_keep_the_static_counter():
         cache.reorder_cache(torch.tensor([1, 0]))
         cropped = model(ids[[1, 0], 4:5], cache=cache).logits
         fresh = model(ids[[1, 0], 4:5], cache=model(ids[[1, 0], :4], use_cache=True).cache).logits
-    assert max_diff(cropped, fresh) < ATOL
+    assert_close(cropped, fresh, atol=ATOL)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=2)], ids=["greedy", "beam"])

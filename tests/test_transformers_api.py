@@ -12,7 +12,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from melt import MeltCache
-from melt_testing import tiny_model
+from melt_testing import assert_close, tiny_model
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_cache_keyword_and_output_field(cache_mode):
     assert first.cache.get_seq_length() == 6
     rest = model(ids[:, 6:], cache=first.cache, use_cache=True)
     assert rest.cache is first.cache and first.cache.get_seq_length() == 9
-    assert (torch.cat([first.logits, rest.logits], dim=1) - full).abs().max() < 1e-5
+    assert_close(torch.cat([first.logits, rest.logits], dim=1), full, atol=1e-5)
 
 
 def test_past_key_values_is_the_deprecated_name_of_cache():

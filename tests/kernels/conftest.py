@@ -1,8 +1,8 @@
 """Kernel tests: run the Triton kernels in Triton's CPU interpreter when there is no GPU.
 
-Provides the `assert_close` fixture (the one comparison helper of these tests) and poisons every
-buffer the kernels allocate with NaN, so an output row or gradient block that a kernel forgets to
-write fails the comparison.
+Provides the `assert_close` fixture (the suite's one comparison, `melt_testing.assert_close`, at per-dtype
+tolerances) and poisons every buffer the kernels allocate with NaN, so an output row or gradient block that a
+kernel forgets to write fails the comparison.
 """
 
 import os
@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import melt_testing  # noqa: E402
 from melt_kernels import utils as kernel_utils  # noqa: E402
 
 if not torch.cuda.is_available() and not kernel_utils.INTERPRET:
@@ -36,40 +37,9 @@ TOLERANCES = {
 
 
 def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """Compare a kernel result (computed in `dtype`) with its fp32 reference.
-
-    Fails on any NaN, on infinities that do not match the reference's (e.g. the LSE of rows with
-    no visible key is -inf in both), and on errors above TOLERANCES[dtype].
-    """
+    """Compare a kernel result (computed in `dtype`) with its fp32 reference, at TOLERANCES[dtype]."""
     rtol, atol = TOLERANCES[dtype]
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    actual = actual.detach().float().cpu()
-    expected = expected.detach().float().cpu()
-    if torch.isnan(expected).any():
-        raise AssertionError(f"{name}: the reference holds NaN (test bug)")
-    nan = torch.isnan(actual)
-    if nan.any():
-        idx = tuple(nan.nonzero()[0].tolist())
-        raise AssertionError(f"{name} ({dtype}): {int(nan.sum())} of {actual.numel()} elements are NaN, first at {idx}")
-    inf = torch.isinf(expected)
-    bad_inf = (torch.isinf(actual) | inf) & (actual != expected)
-    if bad_inf.any():
-        idx = tuple(bad_inf.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{name} ({dtype}): infinities differ at {idx}: got {actual[idx]}, expected {expected[idx]}"
-        )
-    actual, expected = actual[~inf], expected[~inf]
-    if expected.numel() == 0:
-        return
-    err = (actual - expected).abs()
-    rel_rms = (err.square().mean().sqrt() / expected.square().mean().sqrt().clamp_min(1e-30)).item()
-    max_abs = err.max().item()
-    if rel_rms > rtol and max_abs > atol:
-        i = int(err.argmax())
-        raise AssertionError(
-            f"{name} ({dtype}): relative RMS error {rel_rms:.3e} > {rtol:.0e} and max abs error {max_abs:.3e} > "
-            f"{atol:.0e} (worst element: got {actual[i].item():.6g}, expected {expected[i].item():.6g})"
-        )
+    melt_testing.assert_close(actual, expected, rtol=rtol, atol=atol, name=f"{name} ({dtype})")
 
 
 @pytest.fixture

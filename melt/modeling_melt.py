@@ -308,7 +308,6 @@ class _CallPlan:
     num_loops: int
     blend: float | None  # phase-1 kv_blend_alpha (None: MELT's shared rows alone)
     exit_at_step: int | None  # the loop whose output every token returns
-    threshold: float | None  # per-token exit by the exit distribution, chosen after running every loop
     stop_at: float | None  # early exit that stops a token's loops (adaptive depth)
     keep_loops: frozenset[int]  # loops whose hidden states the output needs
     return_loop_outputs: bool
@@ -422,19 +421,18 @@ class MeltModel(MeltPreTrainedModel):
             raise ValueError(f"early_exit_threshold must lie in [0, 1] (1 = every loop), got {early_exit_threshold!r}")
         blend = self._check_blend(kv_blend_alpha)
         # Early exit (MELT_SPEC section 8): a token stops looping once its cumulative exit probability reaches the
-        # threshold; it then holds its exit loop's state, so the last loop's output is its exit loop's.
+        # threshold; it then holds its exit loop's state, so the last loop's output is its exit loop's. A fixed
+        # exit_at_step takes precedence (every loop runs, that loop's output is returned).
         stop_at = threshold if exit_at_step is None and threshold is not None and threshold < 1.0 else None
-        if stop_at is not None:
-            if blend is not None:
-                raise ValueError(
-                    "early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha"
-                )
-            threshold = None
-        if return_loop_outputs or (exit_at_step is None and threshold is not None and threshold < 1.0):
+        if stop_at is not None and blend is not None:
+            raise ValueError(
+                "early_exit_threshold < 1 stops loops at inference; it does not combine with kv_blend_alpha"
+            )
+        if return_loop_outputs:
             keep_loops = frozenset(range(num_loops))
         else:
             keep_loops = frozenset({num_loops - 1 if exit_at_step is None else exit_at_step})
-        return _CallPlan(num_loops, blend, exit_at_step, threshold, stop_at, keep_loops, return_loop_outputs,
+        return _CallPlan(num_loops, blend, exit_at_step, stop_at, keep_loops, return_loop_outputs,
                          return_attention_outputs)
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -500,16 +498,10 @@ class MeltModel(MeltPreTrainedModel):
         )
 
     def _output(self, out: _LoopsOutput, plan: _CallPlan, cache: MeltCache | None) -> MeltModelOutput:
-        """Pick each token's returned hidden state from its loops (fixed step, exit threshold, or the last loop)."""
+        """Each token's returned hidden state: the fixed `exit_at_step`'s, else the last loop's (under early exit a
+        token's last loop holds its exit loop's state)."""
         exit_probs = exit_distribution(out.exit_logits)
-        if plan.exit_at_step is not None:
-            selected = out.hidden[plan.exit_at_step]
-        elif plan.threshold is not None and plan.threshold < 1.0:
-            choice = select_exit_loop(exit_probs, plan.threshold)  # [B, L]
-            stacked = torch.stack([out.hidden[t] for t in range(plan.num_loops)], dim=2)  # [B, L, T, hidden]
-            selected = stacked.gather(2, choice[..., None, None].expand(-1, -1, 1, stacked.shape[-1])).squeeze(2)
-        else:
-            selected = out.hidden[plan.num_loops - 1]
+        selected = out.hidden[plan.num_loops - 1 if plan.exit_at_step is None else plan.exit_at_step]
         attention = None if out.attention is None else tuple(tuple(per_loop) for per_loop in out.attention)
         return MeltModelOutput(
             last_hidden_state=selected,
@@ -864,7 +856,9 @@ def exit_distribution(exit_logits: torch.Tensor) -> torch.Tensor:
 
 
 def select_exit_loop(exit_probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Index of the first loop whose cumulative exit probability reaches `threshold` (the last loop otherwise)."""
+    """Index of the first loop whose cumulative exit probability reaches `threshold` (the last loop otherwise):
+    Ouro's selection after running every loop, e.g. from `exit_probs` and `loop_logits` of a
+    `return_loop_outputs=True` call. The model itself stops a token's loops there (`early_exit_threshold`)."""
     reached = exit_probs.cumsum(-1) >= threshold
     last = exit_probs.shape[-1] - 1
     return torch.where(reached.any(-1), reached.float().argmax(-1), last)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -108,13 +109,22 @@ def build_model(preset: str, model: str, device: torch.device | str = "cpu", dty
     return net.to(dtype).eval()
 
 
-def parameter_count(preset: str, model: str) -> int:
-    """Parameters of `model` in the shape of `preset`, counted on the meta device (nothing allocated)."""
+@functools.cache
+def _parameter_counts(preset: str, model: str) -> dict[str, int]:
+    """Parameters of `model` in the shape of `preset`, counted on the meta device (nothing allocated): in all, in
+    the decoder layers (run once per loop), and in the final norm and LM head (run once per token)."""
     from melt import MeltConfig, MeltForCausalLM
 
     with torch.device("meta"):
         net = MeltForCausalLM(MeltConfig(**model_kwargs(preset, model)))
-    return sum(p.numel() for p in net.parameters())
+    return {"all": sum(p.numel() for p in net.parameters()),
+            "layers": sum(p.numel() for p in net.model.layers.parameters()),
+            "head": sum(p.numel() for p in [*net.lm_head.parameters(), *net.model.norm.parameters()])}
+
+
+def parameter_count(preset: str, model: str) -> int:
+    """Parameters of `model` in the shape of `preset`, counted on the meta device (nothing allocated)."""
+    return _parameter_counts(preset, model)["all"]
 
 
 def kv_bytes_per_token(config_kwargs: dict, num_loops: int, dtype: torch.dtype) -> int:
@@ -131,17 +141,11 @@ def decode_bytes_per_step(preset: str, model: str, batch: int, context: int, dty
     (MELT's shared row, or LoopLM's row of that loop); the final norm and the LM head are read once. The embedding
     row, the activations and the new rows are left out (a few MB). Its ratio to a step's time is the bandwidth a
     step achieves; a bandwidth over it is the step's floor."""
-    from melt import MeltConfig, MeltForCausalLM
-
     kwargs = model_kwargs(preset, model)
-    with torch.device("meta"):
-        net = MeltForCausalLM(MeltConfig(**kwargs))
+    counts = _parameter_counts(preset, model)
     size = torch.empty(0, dtype=dtype).element_size()
-    layers = sum(p.numel() for p in net.model.layers.parameters()) * size
-    once = sum(p.numel() for p in [*net.lm_head.parameters(), *net.model.norm.parameters()]) * size
-    loops = loops_of(model, kwargs["num_loops"])
     rows = kv_bytes_per_token({**kwargs, "cache_mode": "shared"}, 1, dtype) * context * batch
-    return loops * (layers + rows) + once
+    return loops_of(model, kwargs["num_loops"]) * (counts["layers"] * size + rows) + counts["head"] * size
 
 
 def loops_of(model: str, num_loops: int) -> int:

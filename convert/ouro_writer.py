@@ -24,8 +24,8 @@ from melt.ouro_checkpoint import melt_config_to_ouro
 
 def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
     """Write `model` (per_loop) as an Ouro checkpoint directory at `out` (replaced), atomically."""
-    config = melt_config_to_ouro(model.config)  # refuses a shared-cache model before anything is written
-    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the file holds
+    # Refuses a shared-cache model before anything is written.
+    config = melt_config_to_ouro(model.config, next(model.parameters()).dtype)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")

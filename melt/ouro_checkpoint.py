@@ -23,13 +23,13 @@ from .modeling_melt import GATE_MARKER
 
 # Ouro's config.json, field by field in the order Ouro lists them: the one map between Ouro's config and MeltConfig,
 # read by `ouro_config_to_melt` and written by `melt_config_to_ouro`. A string names the MeltConfig field that the Ouro
-# field holds (the same name but for `total_ut_steps`, Ouro's `num_loops`). A function gives the writer's value of a
-# field the reader does not map: Ouro's identity; the plain case of what MELT leaves out (RoPE scaling, sliding-window
-# layers, attention dropout; the reader refuses checkpoints that use the first two); use_cache on; torch_dtype
-# float32, the dtype this project trains its Ouro checkpoints in (a writer of other weights says theirs).
+# field holds (the same name but for `total_ut_steps`, Ouro's `num_loops`). A function of (config, weights' dtype)
+# gives the writer's value of a field the reader does not map: Ouro's identity; the plain case of what MELT leaves out
+# (RoPE scaling, sliding-window layers, attention dropout; the reader refuses checkpoints that use the first two);
+# use_cache on; torch_dtype, the dtype of the weights written beside it.
 OURO_CONFIG_FIELDS = {
-    "architectures": lambda config: ["OuroForCausalLM"],
-    "model_type": lambda config: "ouro",
+    "architectures": lambda config, dtype: ["OuroForCausalLM"],
+    "model_type": lambda config, dtype: "ouro",
     "vocab_size": "vocab_size",
     "hidden_size": "hidden_size",
     "intermediate_size": "intermediate_size",
@@ -40,22 +40,22 @@ OURO_CONFIG_FIELDS = {
     "hidden_act": "hidden_act",
     "max_position_embeddings": "max_position_embeddings",
     "rope_theta": "rope_theta",
-    "rope_scaling": lambda config: None,
+    "rope_scaling": lambda config, dtype: None,
     "rms_norm_eps": "rms_norm_eps",
     "initializer_range": "initializer_range",
     "tie_word_embeddings": "tie_word_embeddings",
     "total_ut_steps": "num_loops",
     "early_exit_threshold": "early_exit_threshold",
-    "use_sliding_window": lambda config: False,
-    "sliding_window": lambda config: None,
-    "max_window_layers": lambda config: config.num_hidden_layers,
-    "layer_types": lambda config: ["full_attention"] * config.num_hidden_layers,
-    "attention_dropout": lambda config: 0.0,
+    "use_sliding_window": lambda config, dtype: False,
+    "sliding_window": lambda config, dtype: None,
+    "max_window_layers": lambda config, dtype: config.num_hidden_layers,
+    "layer_types": lambda config, dtype: ["full_attention"] * config.num_hidden_layers,
+    "attention_dropout": lambda config, dtype: 0.0,
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
     "pad_token_id": "pad_token_id",
-    "use_cache": lambda config: True,
-    "torch_dtype": lambda config: "float32",
+    "use_cache": lambda config, dtype: True,
+    "torch_dtype": lambda config, dtype: str(dtype).removeprefix("torch."),
 }
 OURO_TO_MELT = {name: field for name, field in OURO_CONFIG_FIELDS.items() if isinstance(field, str)}  # the mapped ones
 # What the writer puts where a mapped MeltConfig field is None: Ouro's threshold has no "off", and 1.0 (exit only
@@ -175,15 +175,15 @@ def _resolve_device(device_map):
     )
 
 
-def melt_config_to_ouro(config: MeltConfig) -> dict:
-    """The Ouro `config.json` (as a dict, in Ouro's field order) of a per_loop config: `OURO_CONFIG_FIELDS` written
-    out, which `ouro_config_to_melt` reads back to the same mapped fields."""
+def melt_config_to_ouro(config: MeltConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The Ouro `config.json` (as a dict, in Ouro's field order) of a per_loop config whose weights are stored in
+    `dtype`: `OURO_CONFIG_FIELDS` written out, which `ouro_config_to_melt` reads back to the same mapped fields."""
     if config.cache_mode != "per_loop":
         raise ValueError(f"an Ouro checkpoint is a per_loop model; this config has cache_mode={config.cache_mode!r}")
     ouro = {}
     for name, source in OURO_CONFIG_FIELDS.items():
         if callable(source):
-            ouro[name] = source(config)
+            ouro[name] = source(config, dtype)
         else:
             value = getattr(config, source)
             ouro[name] = _OURO_FOR_NONE.get(name) if value is None else value

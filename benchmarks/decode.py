@@ -5,13 +5,15 @@
 On the `tiny` preset (CPU by default, fp32), four measurements, each labelled with how it is obtained:
 1. allocation vs rows after `generate` with the default cache, `cache_implementation="static"` and "dynamic":
    `capacity_nbytes()` (bytes of the cache's allocated buffers) over `nbytes()` (rows held), goal 1.00;
-2. bytes newly allocated during the FIRST decode step after the prompt, preallocated vs dynamic cache: counted at
-   the dispatcher (every tensor an aten op creates, frees ignored), so a copy of the whole cache shows up;
+2. bytes newly allocated during the FIRST decode step after the prompt, preallocated vs dynamic cache, and on the
+   preallocated one the in-place step (what "auto" runs off CUDA and compiled) vs the prefix + chunk reference, in
+   fp32 and bf16: counted at the dispatcher (every tensor an aten op creates, frees ignored), so a copy of the
+   whole cache, or an upcast of its buffers, shows up;
 3. aten ops dispatched per decoded token (all, and without views: the ops that would launch a kernel), eager,
    against transformers' `LlamaForCausalLM` with N*T layers of the same widths (a LoopLM unrolled), both on a
    preallocated cache: the launch count a GPU would pay without CUDA graphs;
-4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`; inductor on CPU compiles
-   for a minute or more), median of the steps after the first.
+4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`), median of the steps after
+   the first; the first step's time is the compile, cold (inductor's on-disk caches off).
 Nothing here asserts a timing.
 """
 
@@ -22,8 +24,12 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
+import torch._inductor.config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from melt import override_backend
 
 from . import common
 
@@ -61,15 +67,25 @@ def allocation_after_generate(model, prompt: torch.Tensor, new_tokens: int) -> l
 
 
 @torch.no_grad()
-def first_step_allocation(model, prompt: torch.Tensor) -> list[dict]:
+def first_step_allocation(preset: str, prompt: torch.Tensor) -> list[dict]:
+    """Bytes created by the first decode step after `prompt`: dynamic vs preallocated cache, and on the preallocated
+    one the step the automatic backend takes off CUDA (in place: the token's row written into its column, SDPA over
+    the buffers) vs the reference step (forced "eager": prefix + chunk rows, softmax in fp32), in fp32 and bf16."""
     rows = []
-    for kind, cache in (("preallocated", model.new_cache(max_cache_len=prompt.shape[1] + 1)),
-                        ("dynamic", model.new_cache())):
-        out = model(prompt, cache=cache, logits_to_keep=1)
-        token = out.logits.argmax(-1)
-        with DispatchTally() as tally:
-            model(token, cache=cache)
-        rows.append({"cache": kind, "cache_rows_bytes": cache.nbytes(), "allocated_in_step_bytes": tally.new_bytes,
+    cases = [("preallocated", "auto", torch.float32), ("preallocated", "eager", torch.float32),
+             ("dynamic", "auto", torch.float32), ("preallocated", "auto", torch.bfloat16),
+             ("preallocated", "eager", torch.bfloat16)]
+    models = {dtype: common.build_model(preset, "melt", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for kind, backend, dtype in cases:
+        model = models[dtype]
+        cache = model.new_cache(max_cache_len=prompt.shape[1] + 1) if kind == "preallocated" else model.new_cache()
+        with override_backend(backend):
+            token = model(prompt, cache=cache, logits_to_keep=1).logits.argmax(-1)
+            with DispatchTally() as tally:
+                model(token, cache=cache)
+        step = "dynamic" if kind == "dynamic" else ("in place" if backend == "auto" else "prefix + chunk (reference)")
+        rows.append({"cache": kind, "step": step, "dtype": str(dtype).removeprefix("torch."),
+                     "cache_rows_bytes": cache.nbytes(), "allocated_in_step_bytes": tally.new_bytes,
                      "allocated_in_step_over_rows": round(tally.new_bytes / cache.nbytes(), 3)})
     return rows
 
@@ -111,16 +127,19 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
 def ms_per_token(model, prompt: torch.Tensor, steps: int, compile_step: bool) -> list[dict]:
     variants = [("eager", model)]
     if compile_step:
+        torch._dynamo.reset()
         variants.append(("compiled (inductor, fullgraph)", torch.compile(model, fullgraph=True, dynamic=False)))
     rows = []
     for name, step in variants:
         cache = model.new_cache(max_cache_len=prompt.shape[1] + steps + 1)
         token = model(prompt, cache=cache, logits_to_keep=1).logits.argmax(-1)
         times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            token = step(token, cache=cache).logits.argmax(-1)
-            times.append(time.perf_counter() - start)
+        # A cold compile: inductor's on-disk caches would turn a second run's first step into a cache read.
+        with torch._inductor.config.patch(force_disable_caches=True):
+            for _ in range(steps):
+                start = time.perf_counter()
+                token = step(token, cache=cache).logits.argmax(-1)
+                times.append(time.perf_counter() - start)
         rows.append({"step": name, "first_step_s": round(times[0], 3),
                      "ms_per_token": round(1e3 * statistics.median(times[1:]), 3)})
     return rows
@@ -143,7 +162,7 @@ def main(argv=None) -> dict:
         "preset": args.preset,
         "prompt": args.prompt,
         "allocation_after_generate": allocation_after_generate(model, prompt, args.new_tokens),
-        "first_decode_step": first_step_allocation(model, prompt),
+        "first_decode_step": first_step_allocation(args.preset, prompt),
         "ops_per_token": ops_per_token(args.preset, context=64),
         "ms_per_token": ms_per_token(model, prompt, args.new_tokens, args.compile),
     }

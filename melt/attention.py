@@ -12,11 +12,12 @@ Backends:
   gradient flash-attn's backward ignores: training through the merge would get wrong gradients).
 - "sdpa": torch's scaled_dot_product_attention, calls without a prefix (P = 0). SDPA cannot return its
   log-sum-exp, so over a prefix it could only attend by concatenating the prefix with the chunk, the copy
-  MELT exists to avoid.
+  MELT exists to avoid. The decode step on a preallocated cache needs no concatenation (`cache_attention`).
 - "eager": plain PyTorch. Scores against the prefix and against the chunk are computed from the rows
   where they live and softmaxed jointly in fp32; it is the reference and serves every call, with autograd.
 "auto" is triton on CUDA when the kernels import; elsewhere it picks per call: sdpa without a prefix, eager
-with one. A forced backend that cannot serve a call raises a ValueError naming it and what to use instead;
+with one, and `cache_attention` (SDPA) for the decode step on a preallocated cache, which also serves that step
+when it is compiled. A forced backend that cannot serve a call raises a ValueError naming it and what to use instead;
 it never silently runs another one. `MELT_ATTENTION_BACKEND` (environment) overrides the config's
 `attention_backend`; tests force one with `override_backend`.
 """
@@ -184,6 +185,29 @@ def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths=
     if prefix_len:
         out = out + probs[..., :prefix_len] @ v_prefix.to(acc)
     return out.view(batch, heads, chunk, dim).to(q.dtype)
+
+
+def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                    no_key: torch.Tensor | None = None) -> torch.Tensor:
+    """One new token per sequence attending over whole preallocated cache buffers that already hold its own row.
+
+    q `[B, H, 1, D]`; keys/values `[B, Hkv, S, D]`, the buffers of the slot this loop reads, the token's rows of
+    this loop written at its column; `bias` `[B or 1, 1, 1, S]`, added to the scores: 0 on the columns written so
+    far, the token's own included, that are not padding, -inf elsewhere; `no_key` `[B, 1, 1, 1]` bool or None:
+    sequences whose token sees no key (their output is zeros, as `chunk_attention` gives), None when every token
+    sees at least its own row.
+
+    One SDPA call in the rows' dtype (its kernels accumulate in fp32): no copy or upcast of the buffers, nothing
+    built per call, fixed shapes whatever the fill, so `torch.compile(fullgraph=True)` traces it. Equal to
+    `chunk_attention` over the written columns with the token's rows as the chunk (MELT_SPEC: one row per token,
+    overwritten across loops).
+    """
+    group = q.shape[1] // keys.shape[1]
+    dtype = keys.dtype
+    out = F.scaled_dot_product_attention(q.to(dtype), keys, values, attn_mask=bias.to(dtype), enable_gqa=group > 1)
+    if no_key is not None:
+        out = out.masked_fill(no_key, 0.0)
+    return out.to(q.dtype)
 
 
 def _sdpa(q, k, v, key_mask) -> torch.Tensor:

@@ -433,6 +433,18 @@ class MeltCache(Cache):
         layer, slot = self.layers[layer_idx], self._read_slot(loop)
         return layer.keys[slot], layer.values[slot]
 
+    def static_place_rows(self, layer_idx: int, loop: int, rows):
+        """Write the new token's rows of loop `loop` at column `fill` of the slot that loop reads, and return that
+        slot's whole buffers, for an attention that reads the token's own row in place (`cache_attention`).
+
+        Shared mode: the column is the token's one row, overwritten by each loop; after the last loop it holds the
+        final row (an exited token's latent, hence its row, is its exit loop's), so nothing is left to commit.
+        Per-loop mode: the row is final at once, in the loop's own slot."""
+        slot = self._read_slot(loop)
+        self._static_write(layer_idx, slot, rows)
+        layer = self.layers[layer_idx]
+        return layer.keys[slot], layer.values[slot]
+
     def static_write_loop_rows(self, layer_idx: int, loop: int, rows) -> None:
         self._static_write(layer_idx, self._loop_slot(loop), rows)
 

@@ -39,7 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .attention import chunk_attention, gated_update, requested_backend, resolve_backend
+from .attention import cache_attention, chunk_attention, gated_update, requested_backend, resolve_backend
 from .cache_melt import MeltCache
 from .configuration_melt import MeltConfig, validate_exit_step, validate_num_loops
 
@@ -171,6 +171,18 @@ class _LayerInputs:
     kv_blend_alpha: float | None
     backend: str
     prefix_lengths: torch.Tensor | None = None  # [B]: prefix rows that exist (a preallocated buffer's fill)
+    in_place: _InPlaceRows | None = None  # the decode step attends over the cache buffers themselves
+
+
+@dataclass(frozen=True)
+class _InPlaceRows:
+    """How the preallocated decode step attends without the Triton kernels: each (layer, loop) writes the new
+    token's rows into the cache column it will own (`place`, `MeltCache.static_place_rows`), then attends over
+    the whole buffers with `cache_attention`; see `MeltModel._static_decode_step`."""
+
+    place: Callable[[int, int, tuple], tuple[torch.Tensor, torch.Tensor]]
+    bias: torch.Tensor  # [B or 1, 1, 1, max_cache_len]: 0 where written (this token included) and not padding, -inf
+    no_key: torch.Tensor | None  # [B, 1, 1, 1] bool: tokens that see no key (None: each sees its own row)
 
 
 class LayerOutput(NamedTuple):
@@ -230,8 +242,12 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
             if kv_blend_alpha is not None:
                 loop_rows = self.self_attn.key_value(a, cos, sin)
                 k, v = torch.lerp(loop_rows[0], k, kv_blend_alpha), torch.lerp(loop_rows[1], v, kv_blend_alpha)
-        attn = chunk_attention(q, k, v, k_prefix, v_prefix, inputs.key_mask, backend,
-                               prefix_lengths=inputs.prefix_lengths)
+        if inputs.in_place is None:
+            attn = chunk_attention(q, k, v, k_prefix, v_prefix, inputs.key_mask, backend,
+                                   prefix_lengths=inputs.prefix_lengths)
+        else:
+            keys, values = inputs.in_place.place(self.layer_idx, loop, (k, v))
+            attn = cache_attention(q, keys, values, inputs.in_place.bias, inputs.in_place.no_key)
         attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
         out = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
         out = out + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(out)))
@@ -574,12 +590,19 @@ class MeltModel(MeltPreTrainedModel):
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
-        Every (layer, loop) hands the attention the whole preallocated buffer of its slot (`[B, kv_heads,
-        max_cache_len, D]`) with `prefix_lengths = fill` (a device counter): column j exists when j < fill (the
-        Triton kernel skips the blocks past it, the eager path masks them) and, with an attention mask, is not
-        padding. The new token is the chunk (C = 1): its rows of the current loop are attended as the chunk's
-        rows, per-loop rows are written at column `fill` as soon as they exist, the shared row after the last
-        loop, then `fill` advances. Positions come from the mask (or from `fill`) as tensors.
+        Two ways to attend, each reading the whole preallocated buffer of a (layer, loop)'s slot (`[B, kv_heads,
+        max_cache_len, D]`) in place, never a copy:
+        - in place (`cache_attention`, SDPA): every backend but a forced "triton", "eager" or "flash", i.e. "auto" off
+          CUDA, "sdpa", and "auto" when compiled (the Triton kernels launch outside a graph). Each (layer, loop)
+          first writes the new token's rows at column `fill`, the column the token owns (MELT_SPEC: one row per
+          token, overwritten across loops), then attends over the columns `<= fill` that are not padding. After the
+          last loop the shared column holds the final row and per-loop rows are in their slots: nothing is left to
+          write.
+        - prefix + chunk (`chunk_attention` with `prefix_lengths = fill`): the Triton kernels (CUDA, eager), which
+          skip the key blocks past `fill`, and the eager reference. The new token's rows of the current loop are the
+          chunk (C = 1); per-loop rows are written at `fill` as soon as they exist, the shared row after the last
+          loop.
+        Then `fill` (a `[1]` device counter) advances. Positions come from the mask (or from `fill`) as tensors.
         `attention_mask` may be `[B, fill + 1]` (generate's growing mask) or `[B, max_cache_len]` (the fixed-width
         mask `create_masks_for_generate` gives a compiled step).
         """
@@ -599,7 +622,9 @@ class MeltModel(MeltPreTrainedModel):
                 f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
             )
         fill = cache.fill  # [1]
-        key_mask = None
+        column = torch.arange(columns, device=device)
+        written = column < fill  # [S]: the columns of earlier tokens
+        mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=device, dtype=torch.bool)
             if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] > columns:
@@ -608,26 +633,38 @@ class MeltModel(MeltPreTrainedModel):
                     f"with this preallocated cache, got shape {tuple(attention_mask.shape)}"
                 )
             mask = F.pad(mask, (0, columns - mask.shape[1]))  # [B, S]: padding columns are False
-            current = mask.gather(1, fill.view(1, 1).expand(batch, 1))  # [B, 1]: is the new token real
-            key_mask = torch.cat([mask, current], dim=1)  # [B, S + 1]
             if position_ids is None:  # real tokens written before this one
-                written = torch.arange(columns, device=device) < fill
                 position_ids = (mask & written).sum(-1, keepdim=True)
         if position_ids is None:
             position_ids = fill.view(1, 1).expand(batch, 1)
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))
         backend = resolve_backend(config.attention_backend, device)
         if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
-            # The Triton kernels launch outside a graph (torch.compiler.disable): a captured step attends in PyTorch
-            # over the whole buffer, masked past `fill`, which the compiler fuses. A forced "triton" is kept.
-            backend = "eager"
-        # prefix_lengths: the attention skips (or masks) the columns not yet written.
-        inputs = _LayerInputs(cos, sin, key_mask, None, backend, prefix_lengths=fill.expand(batch))
-        out, final_rows = self._run_loops(embeds, plan, inputs, cache.static_prefix_rows,
-                                          cache.static_write_loop_rows, can_skip=False)
-        for idx, rows in enumerate(final_rows):
-            if rows is not None:
-                cache.static_write_final_rows(idx, rows)
+            backend = "auto"  # the Triton kernels launch outside graphs: the gate's plain lines, attention in place
+        if backend in ("auto", "sdpa"):
+            visible = column <= fill  # [S]: this token's own column too
+            no_key = None
+            if mask is not None:
+                visible = visible & mask  # [B, S]
+                no_key = ~visible.any(-1).view(batch, 1, 1, 1)
+            # Additive, built once per step: SDPA would turn a bool mask into this at each (layer, loop).
+            bias = torch.zeros(visible.shape, dtype=self._compute_dtype(embeds), device=device)
+            bias = bias.masked_fill(~visible, float("-inf")).view(-1, 1, 1, columns)
+            in_place = _InPlaceRows(cache.static_place_rows, bias, no_key)
+            inputs = _LayerInputs(cos, sin, None, None, backend, in_place=in_place)
+            out, _ = self._run_loops(embeds, plan, inputs, _no_prefix, None, can_skip=False)
+        else:
+            key_mask = None
+            if mask is not None:
+                current = mask.gather(1, fill.view(1, 1).expand(batch, 1))  # [B, 1]: is the new token real
+                key_mask = torch.cat([mask, current], dim=1)  # [B, S + 1]
+            # prefix_lengths: the attention skips (or masks) the columns not yet written.
+            inputs = _LayerInputs(cos, sin, key_mask, None, backend, prefix_lengths=fill.expand(batch))
+            out, final_rows = self._run_loops(embeds, plan, inputs, cache.static_prefix_rows,
+                                              cache.static_write_loop_rows, can_skip=False)
+            for idx, rows in enumerate(final_rows):
+                if rows is not None:
+                    cache.static_write_final_rows(idx, rows)
         cache.static_advance(1)
         return out
 
@@ -824,6 +861,10 @@ def _ragged_round(member: torch.Tensor, past: int, key_mask: torch.Tensor | None
         torch.cat([prefix_mask, chunk_mask], dim=1).to(device),
         tuple(t.to(device) for t in write_index),
     )
+
+
+def _no_prefix(layer_idx: int, loop: int) -> tuple[None, None]:
+    return None, None
 
 
 def _all_loops(hidden: torch.Tensor, num_loops: int) -> torch.Tensor:

@@ -175,6 +175,30 @@ def test_eager_prefix_lengths_compile_fullgraph():
     assert_close(out, step(q, k, v, k_buf, v_buf, key_mask, lengths), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_cache_attention_equals_prefix_and_chunk_attention(dtype, atol):
+    """The in-place decode attention (the token's row written at its column, SDPA over the buffer) against the
+    reference over prefix + chunk rows: per-sequence fills, GQA, padding, and a token that sees no key (zeros)."""
+    from melt.attention import cache_attention, chunk_attention
+
+    q, k, v, k_buf, v_buf, key_mask = (t.to(dtype) if t.is_floating_point() else t
+                                       for t in _attention_inputs(C=1, S=12))
+    B, S = q.shape[0], k_buf.shape[2]
+    fill = torch.tensor([0, 5, S - 1])
+    key_mask[2, S:] = False  # sequence 2: its token is padding ...
+    key_mask[2, :S] = False  # ... and so is every row before it
+    expected = chunk_attention(q, k, v, k_buf, v_buf, key_mask, "eager", prefix_lengths=fill)
+    keys, values = k_buf.clone(), v_buf.clone()
+    at = fill.view(B, 1, 1, 1).expand(B, k.shape[1], 1, k.shape[3])
+    keys.scatter_(2, at, k)
+    values.scatter_(2, at, v)
+    visible = (torch.arange(S) <= fill[:, None]) & key_mask[:, :S].scatter(1, fill[:, None], key_mask[:, S:])
+    bias = torch.zeros(B, S, dtype=dtype).masked_fill(~visible, float("-inf")).view(B, 1, 1, S)
+    out = cache_attention(q, keys, values, bias, no_key=~visible.any(-1).view(B, 1, 1, 1))
+    assert out.dtype == dtype and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert_close(out, expected, atol=atol)
+
+
 # forced backends serve a call or refuse it; "auto" chooses ----------------------------------------------------------
 
 

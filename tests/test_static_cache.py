@@ -11,13 +11,14 @@ ATOL = 1e-5
 
 
 
-def decode(model, ids, mask, cache, step=None):
-    """Logits `[B, L, V]` of prefill (the first 3 columns) then one-token steps through `cache`."""
-    step = step or model
+def decode(model, ids, mask, cache, step=None, prefill=3):
+    """Logits `[B, L, V]` of prefill (the first `prefill` columns) then one-token steps through `cache`."""
+    step = model if step is None else step
     with torch.no_grad():
-        out = model(ids[:, :3], attention_mask=None if mask is None else mask[:, :3], cache=cache, use_cache=True)
+        out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], cache=cache,
+                    use_cache=True)
         logits = [out.logits]
-        for i in range(3, ids.shape[1]):
+        for i in range(prefill, ids.shape[1]):
             step_mask = None if mask is None else mask[:, : i + 1]
             logits.append(step(ids[:, i : i + 1], attention_mask=step_mask, cache=cache, use_cache=True).logits)
     return torch.cat(logits, dim=1)
@@ -46,6 +47,57 @@ def test_static_decode_with_chunked_prefill_equals_dynamic():
     ids = torch.randint(1, 61, (2, 8))
     static = decode(model, ids, None, model.new_cache(max_cache_len=8))
     assert_close(static, decode(model, ids, None, model.new_cache()), atol=ATOL)
+
+
+def _slots(cache):
+    return [buffer for layer in cache.layers for buffer in layer.keys + layer.values]
+
+
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_in_place_step_equals_the_prefix_and_chunk_step_and_writes_the_same_rows(cache_mode, padded):
+    """Off CUDA ("auto") and for "sdpa" the step writes the token's rows into its own column first and attends over
+    the buffers (`cache_attention`); the reference step (forced "eager") attends over prefix + chunk rows and writes
+    after. Same logits, same rows in every slot; a padded token that sees no key gets zeros, not NaN."""
+    from melt import override_backend
+
+    model = tiny_model(cache_mode=cache_mode, chunk_size=2)
+    ids = torch.randint(1, 61, (2, 8))
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0  # row 1 decodes two padding tokens that see no key at all
+    results = {}
+    for backend in ("eager", "auto", "sdpa"):
+        cache = model.new_cache(max_cache_len=10)
+        with override_backend(backend):  # forced "sdpa" serves the steps only: prefill is decoded token by token
+            results[backend] = decode(model, ids, mask, cache, prefill=1), _slots(cache)
+    logits, rows = results["eager"]
+    assert torch.isfinite(logits).all()
+    for backend in ("auto", "sdpa"):
+        assert_close(results[backend][0], logits, atol=ATOL, name=f"{backend} logits")
+        for i, (buffer, expected) in enumerate(zip(results[backend][1], rows, strict=True)):
+            assert_close(buffer, expected, atol=ATOL, name=f"{backend} buffer {i}")
+
+
+def test_decode_step_copies_no_buffer_in_bf16():
+    """The in-place step reads the cache in its own dtype: in bf16 it allocates activations only, where the reference
+    step's fp32 softmax upcasts every buffer it reads (2 x 2 x N x T buffers per token)."""
+    from melt import override_backend
+    from melt_benchmarks.decode import DispatchTally
+
+    model = tiny_model(max_position_embeddings=4096).to(torch.bfloat16)
+    allocated = {}
+    for backend in ("auto", "eager"):
+        cache = model.new_cache(max_cache_len=4096)  # both steps read the whole buffer, whatever its fill
+        with torch.no_grad(), override_backend(backend):
+            model(torch.randint(1, 61, (1, 3)), cache=cache)
+            with DispatchTally() as tally:
+                model(torch.randint(1, 61, (1, 1)), cache=cache)
+        buffer = cache.layers[0].keys[0]
+        allocated[backend] = tally.new_bytes / (buffer.numel() * buffer.element_size())
+    # less than one buffer (no copy of any); the reference upcasts each it reads: 2 (k, v) x 2 (fp32) x layers x loops
+    assert allocated["auto"] < 1 and allocated["eager"] >= 4 * 2 * 3, allocated
 
 
 def test_preallocated_cache_allocates_once_and_never_moves():
@@ -129,17 +181,37 @@ def test_compiled_decode_step_is_one_graph_equal_to_eager():
             assert torch.equal(greedy(prompt, compiled, 8), greedy(prompt, model, 8))
 
 
+def test_compiled_step_on_cuda_calls_no_kernel_that_launches_outside_graphs(monkeypatch):
+    """On CUDA "auto" resolves to the Triton kernels, which launch outside graphs (`torch.compiler.disable`): the
+    compiled step must use neither the attention kernel nor the gate's, or `fullgraph=True` fails. Here the
+    resolution is forced to "triton" on CPU; the eager steps run the kernels (under the interpreter) meanwhile."""
+    import torch._dynamo
+
+    import melt.modeling_melt as modeling
+
+    monkeypatch.setattr(modeling, "resolve_backend", lambda configured, device: "triton")
+    model = tiny_model(chunk_size=2)
+    ids = torch.randint(1, 61, (2, 7))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    assert_close(decode(model, ids, None, model.new_cache(max_cache_len=8), step=compiled),
+                 decode(model, ids, None, model.new_cache(max_cache_len=8)), atol=ATOL)
+
+
 def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
     from melt_benchmarks import decode
 
     result = decode.main(["--prompt", "40", "--new-tokens", "3", "--out-dir", str(tmp_path)])
     by_cache = {row["cache"]: row for row in result["allocation_after_generate"]}
     assert by_cache["default"]["allocated_over_rows"] == by_cache["static"]["allocated_over_rows"] == 1.0
-    first = {row["cache"]: row for row in result["first_decode_step"]}
+    first = {(row["step"], row["dtype"]): row for row in result["first_decode_step"]}
     # The dynamic cache allocates new buffers (and copies itself) when the first decode step outgrows it; the
-    # preallocated one allocates only the step's activations, the same in both.
-    copy = first["dynamic"]["allocated_in_step_bytes"] - first["preallocated"]["allocated_in_step_bytes"]
-    assert copy >= first["dynamic"]["cache_rows_bytes"]
+    # preallocated one, attending the same way (prefix + chunk), allocates only the step's activations.
+    dynamic, reference = first[("dynamic", "float32")], first[("prefix + chunk (reference)", "float32")]
+    assert dynamic["allocated_in_step_bytes"] - reference["allocated_in_step_bytes"] >= dynamic["cache_rows_bytes"]
+    # In bf16 the reference upcasts every buffer it reads (2 x the rows' bytes per loop); the in-place step does not.
+    in_place, upcast = first[("in place", "bfloat16")], first[("prefix + chunk (reference)", "bfloat16")]
+    assert upcast["allocated_in_step_bytes"] - in_place["allocated_in_step_bytes"] > 2 * in_place["cache_rows_bytes"]
     assert all(row["aten_ops"] > 0 for row in result["ops_per_token"])
     assert list(tmp_path.glob("decode_tiny_*.json"))
 

@@ -81,6 +81,35 @@ def launch(kernel, grid, args: tuple, constexprs: dict) -> None:
     kernel[grid](*args, **constexprs)
 
 
+def graph_op(name: str, fake: Callable) -> Callable:
+    """Decorator: `fn` becomes the operator `melt::<name>` (`torch.library.custom_op`, no input mutated), with
+    `fake` giving its outputs' shapes, dtypes and strides to tracing; returns the operator.
+
+    What the kernels' launchers cannot be on their own: something `torch.compile` keeps in its graph (fullgraph,
+    any backend) and CUDA graphs capture, instead of a `torch.compiler.disable` graph break. Forward only: the
+    launchers call it while compiling and no input needs a gradient. Registered once per process: a source tree
+    can import this package under two names, and an operator name is process-wide.
+    """
+
+    def register(fn: Callable) -> Callable:
+        try:
+            return getattr(torch.ops.melt, name)  # registered by the other import of this package
+        except AttributeError:
+            pass
+        op = torch.library.custom_op(f"melt::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def traced_inference(*tensors: torch.Tensor | None) -> bool:
+    """True while torch.compile traces a call that needs no gradient: the launchers then call their `graph_op`."""
+    return torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    )
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the Triton kernels can run on `t`: CUDA tensors, or CPU tensors under the interpreter.
 

@@ -198,6 +198,30 @@ def test_compiled_step_on_cuda_calls_no_kernel_that_launches_outside_graphs(monk
                  decode(model, ids, None, model.new_cache(max_cache_len=8)), atol=ATOL)
 
 
+def test_triton_step_eager_and_compiled_equals_the_reference():
+    """The Triton kernels on a preallocated cache, a padded batch of two (the fill reaches the kernel expanded over
+    the batch), eager and compiled with a forced "triton": the compiled step keeps the kernels in its graph (their
+    `melt::` operators: no graph break, CUDA graphs capture them, unwritten columns still skipped). Both give the
+    reference step's logits."""
+    import torch._dynamo
+
+    from melt import override_backend
+
+    model = tiny_model(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, num_hidden_layers=1, num_loops=2, chunk_size=2)  # a head_dim the kernels take
+    ids = torch.randint(1, 61, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    with override_backend("eager"):
+        expected = decode(model, ids, mask, model.new_cache(max_cache_len=8))
+    with override_backend("triton"):
+        assert_close(decode(model, ids, mask, model.new_cache(max_cache_len=8)), expected, atol=ATOL, name="eager")
+        logits = decode(model, ids, mask, model.new_cache(max_cache_len=8), step=compiled)
+    assert_close(logits, expected, atol=ATOL, name="compiled")
+
+
 def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
     from melt_benchmarks import decode
 
@@ -217,15 +241,17 @@ def test_decode_benchmark_reports_allocation_and_op_counts(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_compiles_the_decode_step_through_transformers():
+@pytest.mark.parametrize("backend", ["aot_eager", "cudagraphs"])
+def test_generate_compiles_the_decode_step_through_transformers(backend):
     """`generate(cache_implementation="static")` through transformers' own compile path (`compile_config`; on CPU
     only when asked for all devices): one graph for prompts of three lengths (a fixed `max_cache_len`), and the
-    same tokens as the eager generate, with a left-padded row."""
+    same tokens as the eager generate, with a left-padded row. "cudagraphs" (CUDA graphs of the traced step, no
+    inductor) captures nothing on CPU: this checks that its trace takes the whole step."""
     import torch._dynamo
     from transformers import CompileConfig
 
     model = tiny_model(chunk_size=2, max_position_embeddings=128)
-    config = CompileConfig(fullgraph=True, backend="aot_eager", dynamic=False)
+    config = CompileConfig(fullgraph=True, backend=backend, dynamic=False)
     config._compile_all_devices = True
     common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, cache_implementation="static", max_cache_len=64)
     torch._dynamo.reset()

@@ -377,7 +377,9 @@ def chunk_attention_fwd(
     if B * H * C == 0:
         return o, lse
     mask, mask_strides = _mask_arg(key_mask, q)
-    lengths = q if prefix_lengths is None else prefix_lengths
+    # The kernels read lengths[b] at b: one-element-per-sequence memory, whatever view was passed (a cache passes
+    # its one fill expanded over the batch, stride 0).
+    lengths = q if prefix_lengths is None else prefix_lengths.contiguous()
 
     num_keys = P + C
     if num_splits is None:
@@ -643,7 +645,7 @@ def chunk_attention_bwd(
         return dq, dk, dv, dkp, dvp
 
     mask, mask_strides = _mask_arg(key_mask, q)
-    lengths = q if prefix_lengths is None else prefix_lengths
+    lengths = q if prefix_lengths is None else prefix_lengths.contiguous()  # read at b, as in the forward
     has_lengths = prefix_lengths is not None
     precision = _dot_precision(q.dtype)
     qk_scale = scale * LOG2E
@@ -722,6 +724,28 @@ class ChunkAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dkp, dvp, None, None, None
 
 
+@torch.compiler.disable
+def _differentiable(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ChunkAttentionFunction.apply`, outside any compiled graph (its backward launches kernels too)."""
+    return ChunkAttentionFunction.apply(*args)
+
+
+def _fake_fwd(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths, scale):
+    B, H, C, D = q.shape
+    return q.new_empty((B, C, H, D)).transpose(1, 2), q.new_empty((B, H, C), dtype=torch.float32)
+
+
+@utils.graph_op("chunk_attention_fwd", _fake_fwd)
+def _graph_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None,
+    key_mask: torch.Tensor | None, prefix_lengths: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch as an operator a compiled graph keeps (inference; see `utils.graph_op`)."""
+    return chunk_attention_fwd(q, k, v, k_prefix, v_prefix, key_mask, scale, prefix_lengths=prefix_lengths)
+
+
 def _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths) -> int:
     """Check shapes, dtypes and devices; return P (0 without a prefix)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -775,7 +799,6 @@ def _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths) -> int:
     return P
 
 
-@torch.compiler.disable
 def chunk_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_prefix: torch.Tensor | None = None, v_prefix: torch.Tensor | None = None,
@@ -817,7 +840,9 @@ def chunk_attention(
     the interpreter, other head dims) uses the PyTorch reference `naive_chunk_attention`.
     Launches too small to fill the device (decode, C = 1) with a long prefix split the keys over
     programs and merge the partial results by their LSE (flash-decoding).
-    Excluded from torch.compile tracing: it launches its own kernels.
+    Under torch.compile an inference call (no input needs a gradient) is the operator
+    `torch.ops.melt.chunk_attention_fwd`, which the graph keeps (fullgraph) and CUDA graphs
+    capture; a call that needs gradients runs outside the graph (a graph break).
     """
     _validate(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths)
     D = q.shape[-1]
@@ -829,8 +854,12 @@ def chunk_attention(
         )
     if k_prefix is not None:
         k_prefix, v_prefix = utils.last_dim_contiguous(k_prefix), utils.last_dim_contiguous(v_prefix)
-    o, lse = ChunkAttentionFunction.apply(
+    args = (
         utils.last_dim_contiguous(q), utils.last_dim_contiguous(k), utils.last_dim_contiguous(v),
         k_prefix, v_prefix, key_mask, prefix_lengths, float(scale),
     )
+    if utils.traced_inference(q, k, v, k_prefix, v_prefix):
+        o, lse = _graph_fwd(*args)
+    else:
+        o, lse = _differentiable(*args)
     return (o, lse) if return_lse else o

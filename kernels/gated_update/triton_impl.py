@@ -211,6 +211,17 @@ def _validate(a, s, ga, gs, b) -> None:
 
 
 @torch.compiler.disable
+def _differentiable(*args) -> torch.Tensor:
+    """`GatedUpdateFunction.apply`, outside any compiled graph (its backward launches a kernel too)."""
+    return GatedUpdateFunction.apply(*args)
+
+
+@utils.graph_op("gated_update_fwd", lambda a, s, ga, gs, b: torch.empty_like(a))
+def _graph_fwd(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The forward launch as an operator a compiled graph keeps (inference; see `utils.graph_op`)."""
+    return gated_update_fwd(a, s, ga, gs, b)
+
+
 def gated_update(
     a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
@@ -231,11 +242,11 @@ def gated_update(
     Backends: the Triton kernels on CUDA tensors and on CPU tensors under TRITON_INTERPRET=1;
     otherwise the PyTorch reference `naive_gated_update`, so callers never need to branch.
     Non-contiguous inputs are copied to contiguous ones first (the kernel indexes flat rows).
-    Excluded from torch.compile tracing: it launches its own kernels.
+    Under torch.compile an inference call is the operator `torch.ops.melt.gated_update_fwd`,
+    which the graph keeps; a call that needs gradients runs outside the graph (a graph break).
     """
     _validate(a, s, ga, gs, b)
     if not utils.use_triton(a):
         return naive_gated_update(a, s, ga, gs, b)
-    return GatedUpdateFunction.apply(
-        a.contiguous(), s.contiguous(), ga.contiguous(), gs.contiguous(), b.contiguous()
-    )
+    args = (a.contiguous(), s.contiguous(), ga.contiguous(), gs.contiguous(), b.contiguous())
+    return _graph_fwd(*args) if utils.traced_inference(a, s, ga, gs, b) else _differentiable(*args)

@@ -284,6 +284,25 @@ def test_prefix_lengths_at_full_width_change_nothing(dtype, mask_kind, device, a
         assert_close(f"d{name}", b, a, dtype)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_prefix_lengths_of_any_layout(layout, device, assert_close):
+    """Lengths as a preallocated cache passes them (its one fill expanded over the batch: stride 0), or any strided
+    view, give what contiguous lengths give, forward and backward. The rows past the length hold NaN."""
+    B, H, Hkv, C, S, D, n = 3, 2, 1, 1, 200, 64, 37
+    if layout == "expanded":
+        lengths = torch.tensor([n], device=device).expand(B)
+    else:
+        lengths = torch.tensor([n, -1] * B, device=device)[::2]
+    leaves = _buffer_leaves(B, H, Hkv, C, S, D, torch.float32, device, (n,) * B)
+    results = []
+    for prefix_lengths in (lengths, lengths.contiguous()):
+        tri = {name: t.detach().clone().requires_grad_() for name, t in leaves.items()}
+        o = chunk_attention(*_views(tri, S), prefix_lengths=prefix_lengths)
+        results.append((o, *torch.autograd.grad(o.square().sum(), list(tri.values()))))
+    for name, got, expected in zip(("o", *leaves), *results):
+        assert_close(name, got, expected, torch.float32)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_prefix_lengths_with_flash_decoding_splits(num_splits, device, assert_close):
     # Decode over a 1,000-row buffer: each sequence spreads its own keys over the splits.

@@ -1,6 +1,7 @@
 """Decode-path benchmark: does the cache allocate what it holds, and what does one decode step cost?
 
-    python -m benchmarks.decode [--prompt 1000] [--new-tokens 32] [--compile] [--out-dir DIR]
+    python -m benchmarks.decode [--prompt 1000] [--new-tokens 32] [--compile [inductor] [aot_eager]]
+                                [--compile-layers N ...] [--out-dir DIR]
 
 On the `tiny` preset (CPU by default, fp32), four measurements, each labelled with how it is obtained:
 1. allocation vs rows after `generate` with the default cache, `cache_implementation="static"` and "dynamic":
@@ -12,8 +13,9 @@ On the `tiny` preset (CPU by default, fp32), four measurements, each labelled wi
 3. aten ops dispatched per decoded token (all, and without views: the ops that would launch a kernel), eager,
    against transformers' `LlamaForCausalLM` with N*T layers of the same widths (a LoopLM unrolled), both on a
    preallocated cache: the launch count a GPU would pay without CUDA graphs;
-4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile`), median of the steps after
-   the first; the first step's time is the compile, cold (inductor's on-disk caches off).
+4. milliseconds per token, eager vs `torch.compile` of the one-token step (`--compile [inductor] [aot_eager]`),
+   median of the steps after the first; the first step's time is the compile, cold (inductor's on-disk caches off);
+   `--compile-layers 24` repeats it with 24 layers of the same widths (compile time grows with the unrolled depth).
 Nothing here asserts a timing.
 """
 
@@ -123,12 +125,19 @@ def ops_per_token(preset: str, context: int) -> list[dict]:
     return rows
 
 
+COMPILERS = {
+    "inductor": "compiled (inductor, fullgraph)",
+    # What torch.compile's "cudagraphs" backend builds before it captures (CUDA only): the traced graph, unfused.
+    "aot_eager": "traced (dynamo + AOT autograd, fullgraph)",
+}
+
+
 @torch.no_grad()
-def ms_per_token(model, prompt: torch.Tensor, steps: int, compile_step: bool) -> list[dict]:
+def ms_per_token(model, prompt: torch.Tensor, steps: int, compilers: list[str]) -> list[dict]:
     variants = [("eager", model)]
-    if compile_step:
+    for backend in compilers:
         torch._dynamo.reset()
-        variants.append(("compiled (inductor, fullgraph)", torch.compile(model, fullgraph=True, dynamic=False)))
+        variants.append((COMPILERS[backend], torch.compile(model, fullgraph=True, dynamic=False, backend=backend)))
     rows = []
     for name, step in variants:
         cache = model.new_cache(max_cache_len=prompt.shape[1] + steps + 1)
@@ -140,8 +149,8 @@ def ms_per_token(model, prompt: torch.Tensor, steps: int, compile_step: bool) ->
                 start = time.perf_counter()
                 token = step(token, cache=cache).logits.argmax(-1)
                 times.append(time.perf_counter() - start)
-        rows.append({"step": name, "first_step_s": round(times[0], 3),
-                     "ms_per_token": round(1e3 * statistics.median(times[1:]), 3)})
+        rows.append({"step": name, "layers": model.config.num_hidden_layers, "loops": model.config.num_loops,
+                     "first_step_s": round(times[0], 3), "ms_per_token": round(1e3 * statistics.median(times[1:]), 3)})
     return rows
 
 
@@ -150,7 +159,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="tiny", choices=["tiny"])
     parser.add_argument("--prompt", type=int, default=1000, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (slow to build)")
+    parser.add_argument("--compile", nargs="*", choices=list(COMPILERS), default=None, metavar="BACKEND",
+                        help="also time the torch.compile'd step: inductor (the default) and/or aot_eager (the graph "
+                             "the 'cudagraphs' backend captures on CUDA; unfused here)")
+    parser.add_argument("--compile-layers", type=int, nargs="*", default=[], metavar="N",
+                        help="also time the compiled steps of the same widths with N layers (compile time against "
+                             "depth: the Ouro-1.4B shape unrolls 24 layers x 4 loops)")
     parser.add_argument("--out-dir", default=None, help="directory for the JSON (default runs/benchmarks)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -164,8 +178,12 @@ def main(argv=None) -> dict:
         "allocation_after_generate": allocation_after_generate(model, prompt, args.new_tokens),
         "first_decode_step": first_step_allocation(args.preset, prompt),
         "ops_per_token": ops_per_token(args.preset, context=64),
-        "ms_per_token": ms_per_token(model, prompt, args.new_tokens, args.compile),
     }
+    compilers = [] if args.compile is None else (args.compile or ["inductor"])
+    result["ms_per_token"] = ms_per_token(model, prompt, args.new_tokens, compilers)
+    for layers in args.compile_layers:
+        deeper = common.build_model(args.preset, "melt", num_hidden_layers=layers)
+        result["ms_per_token"] += ms_per_token(deeper, prompt, args.new_tokens, compilers)
     for title, key in (("allocated (buffers) vs rows held after generate", "allocation_after_generate"),
                        ("bytes allocated by the first decode step (dispatcher count)", "first_decode_step"),
                        ("aten ops per decoded token (eager)", "ops_per_token"),

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from melt import override_backend
+
 from . import common
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +89,10 @@ PARTS = {
 # With the wheels' install, one 10-minute device call; the machine's start is outside it. The caps add up to more:
 # what the budget leaves out (e and f, typically) is recorded as skipped, for a second call on the warm machine.
 DEFAULT_BUDGET_S = 540.0
+# Part d's decode paths (see --decode-path): eager; static = transformers' compile of the decode step (inductor);
+# graphs = CUDA graphs of the unfused step (torch.compile's "cudagraphs" backend); +triton = attention forced to
+# the Triton kernels.
+DECODE_PATHS = ("eager", "static", "graphs", "static+triton", "graphs+triton")
 
 # Sizes of the real run and of the dry run (same structure, toy numbers).
 SIZES = {
@@ -133,13 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="every part at toy size (plumbing check, e.g. on CPU)")
     parser.add_argument("--cap-scale", type=float, default=1.0,
                         help="multiply every part's cap and minimum (e.g. a dry run on a loaded CPU machine)")
-    parser.add_argument("--decode-path", choices=("auto", "static", "eager"), default="auto",
-                        help="part d: static = generate(cache_implementation='static') with its compiled decode; "
-                             "eager = generate without compiling; auto = every row eager, then batch-1 rows "
-                             "compiled when the model has new_cache(max_cache_len=...)")
+    parser.add_argument("--decode-path", choices=("auto", *DECODE_PATHS), default="auto",
+                        help="part d: static = generate(cache_implementation='static') with transformers' compiled "
+                             "decode (inductor, CUDA graphs); graphs = the same with torch.compile's 'cudagraphs' "
+                             "backend (CUDA graphs of the unfused ops, no inductor: a short compile); +triton = with "
+                             "the attention backend forced to the Triton kernels (in the graph as melt:: operators); "
+                             "eager = generate without compiling; auto = every row eager, then batch-1 rows on the "
+                             "compiled paths when the model has new_cache(max_cache_len=...)")
     parser.add_argument("--decode-rows", nargs="+", metavar="MODEL:BATCH:CONTEXT",
                         help="part d: only these rows, in this order; MODEL melt | looplm, BATCH a number or max, "
-                             "CONTEXT short | long | a number of tokens, PATH (optional) eager | static "
+                             "CONTEXT short | long | a number of tokens, PATH (optional) one of --decode-path's "
                              "(default: --decode-path) (default: the whole plan)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="write one report into --out from the JSON reports of several calls on the same device "
@@ -167,9 +176,9 @@ def _parse_decode_rows(values: list[str], sizes: dict) -> list[tuple]:
         fields = value.split(":")
         model, batch, context, path = (fields + [None])[:4] if len(fields) in (3, 4) else (None,) * 4
         if model not in ("melt", "looplm") or not (batch == "max" or str(batch).isdigit()) or not (
-                context in ("short", "long") or str(context).isdigit()) or path not in (None, "eager", "static"):
+                context in ("short", "long") or str(context).isdigit()) or path not in (None, *DECODE_PATHS):
             raise SystemExit(f"--decode-rows: {value!r} is not MODEL:BATCH:CONTEXT[:PATH] (e.g. melt:1:long, "
-                             "looplm:max:long:eager, melt:64:1024:static)")
+                             f"looplm:max:long:eager, melt:64:1024:static; PATH one of {', '.join(DECODE_PATHS)})")
         tokens = sizes[f"{context}_context"] if context in ("short", "long") else int(context)
         plan.append((model, batch if batch == "max" else int(batch), tokens,
                      "max batch" if batch == "max" else "batch", path))
@@ -178,8 +187,10 @@ def _parse_decode_rows(values: list[str], sizes: dict) -> list[tuple]:
 
 def _default_decode_plan(sizes: dict, requested: str) -> list[tuple]:
     """Part d's rows: batch 1 and the others after the short context, the largest batch at the long one, batch 1
-    at the long one; with "auto" every row eager first (90 s in all at the Ouro-1.4B shape on an H100), then the
-    batch-1 rows on the compiled path, MELT first (each compiles its step for about 3 minutes)."""
+    at the long one; with "auto" every row eager first (90 s in all at the Ouro-1.4B shape on an H100), then
+    batch-1 rows on the captured paths, MELT first: CUDA graphs without inductor (short compiles) with the Triton
+    kernels and with in-place SDPA, at both contexts, then transformers' inductor compile (about 3 minutes a row
+    when last measured) at the long context, where the rows dominate the bytes read."""
     short, long = sizes["short_context"], sizes["long_context"]
     rows = [("melt", 1, short, "batch"), ("looplm", 1, short, "batch"), ("melt", "max", long, "max batch"),
             ("looplm", "max", long, "max batch")]
@@ -187,8 +198,10 @@ def _default_decode_plan(sizes: dict, requested: str) -> list[tuple]:
     rows += [("melt", 1, long, "batch"), ("looplm", 1, long, "batch")]
     if requested != "auto":
         return [(*row, requested) for row in rows]
-    compiled = [("melt", 1, short, "batch"), ("melt", 1, long, "batch"), ("looplm", 1, short, "batch")]
-    return [(*row, "eager") for row in rows] + [(*row, "auto") for row in compiled]
+    compiled = [("melt", 1, short, "batch", "graphs+triton"), ("melt", 1, long, "batch", "graphs+triton"),
+                ("melt", 1, short, "batch", "graphs"), ("melt", 1, long, "batch", "graphs"),
+                ("looplm", 1, short, "batch", "graphs"), ("melt", 1, long, "batch", "static")]
+    return [(*row, "eager") for row in rows] + compiled
 
 
 def main(argv=None) -> int:
@@ -738,10 +751,13 @@ class StepClock:
 
 
 def decode_path(net, requested: str) -> str:
+    """The path a row runs: `requested` (one of DECODE_PATHS), or for "auto" static where the model offers it."""
     static = common.supports_static_cache(net)
-    if requested == "static" and not static:
-        raise ValueError("--decode-path static: this model has no new_cache(max_cache_len=...)")
-    return "static" if requested == "static" or (requested == "auto" and static) else "eager"
+    if requested == "auto":
+        return "static" if static else "eager"
+    if requested != "eager" and not static:
+        raise ValueError(f"--decode-path {requested}: this model has no new_cache(max_cache_len=...)")
+    return requested
 
 
 def timed_generate(net, batch: int, context: int, steps: int, warmup: int, device: torch.device, path: str) -> dict:
@@ -754,14 +770,20 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                   pad_token_id=0, use_cache=True, stopping_criteria=StoppingCriteriaList([clock]),
                   return_dict_in_generate=True)
-    if path == "static":
-        kwargs["cache_implementation"] = "static"
+    capture, _, attention = path.partition("+")
+    if capture in ("static", "graphs"):
+        kwargs["cache_implementation"] = "static"  # transformers compiles the decode step for it (on CUDA)
+    if capture == "graphs":
+        from transformers import CompileConfig
+
+        kwargs["compile_config"] = CompileConfig(backend="cudagraphs", fullgraph=True)
+    forced = override_backend(attention) if attention else contextlib.nullcontext()
     row = {"batch": batch, "context": context, "path_requested": path, "path": None, "warmup_steps": warmup,
            "timed_steps": steps}
     # The allocator's peak on CUDA; on CPU the only allocator probe is the profiler, which would distort the timing.
     probe_of = common.memory_probe(device) if device.type == "cuda" else contextlib.nullcontext({})
     try:
-        with torch.no_grad(), probe_of as probe:
+        with torch.no_grad(), forced, probe_of as probe:
             common.synchronize(device)
             start = time.perf_counter()
             out = net.generate(ids, **kwargs)
@@ -769,10 +791,12 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
         # What ran, whatever was asked: transformers may ignore cache_implementation (with a warning), and compiles
         # the decode step only for a compileable cache on CUDA (it keeps the compiled call on the model).
         preallocated = bool(getattr(cache, "is_preallocated", getattr(cache, "is_compileable", False)))
-        compiled = getattr(net, "_compiled_call", None) is not None
+        compiled = preallocated and capture != "eager" and getattr(net, "_compiled_call", None) is not None
+        how = ("CUDA graphs (no inductor)" if capture == "graphs" else "compiled") if compiled else "eager"
         row.update(cache_nbytes=cache.nbytes(), cache_capacity_nbytes=cache.capacity_nbytes(),
                    cache_class=type(cache).__name__, cache_preallocated=preallocated, compiled_forward=compiled,
-                   path=f"{'static' if preallocated else 'dynamic'} cache, {'compiled' if compiled else 'eager'}")
+                   path=f"{'static' if preallocated else 'dynamic'} cache, {how}"
+                        + (f", {attention} attention" if attention else ""))
         del out, cache
     except torch.OutOfMemoryError as error:
         row.update(oom=str(error).splitlines()[0])
@@ -821,22 +845,23 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
             nets[model] = common.build_model(preset, model, device=device, dtype=dtype)
         return nets[model]
 
-    static_failed = []  # after one failure of the static path, the remaining rows go eager at once
+    failed = set()  # compiled paths that failed once: their remaining rows go eager at once
 
     def measure(model, batch, context, kind, requested):
         net = net_of(model)
-        path = "eager" if static_failed else decode_path(net, requested)
+        path = decode_path(net, requested)
+        path = "eager" if path in failed else path
         row = {"model": model, "kind": kind, "num_loops": net.config.num_loops, "batch": batch, "context": context}
         started = time.monotonic()
         print(f"gpu_suite d: {model} batch {batch}, {context} tokens, {path} path ...", flush=True)
         try:
             row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device, path))
         except Exception as error:  # the static/compiled path failing is a result; the eager one is measured then
-            if path != "static":
+            if path == "eager":
                 return _failed_row(rec, row, error)
-            row["static_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            static_failed.append(row["static_error"])
-            print(f"gpu_suite: the static decode path failed ({row['static_error']}); measuring eager", flush=True)
+            row["static_error"] = f"{path}: {type(error).__name__}: {str(error)[:300]}"
+            failed.add(path)
+            print(f"gpu_suite: the {path} decode path failed ({row['static_error']}); measuring eager", flush=True)
             try:
                 row.update(timed_generate(net, batch, context, sizes["timed_steps"], sizes["warmup_steps"], device,
                                           "eager"))
@@ -871,9 +896,10 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         analytic = max(1, int((budget - weights) // kv_seq))
         # A dynamic cache doubles its buffers at the first decode step after the prefill: half the rows fit.
-        path = "eager" if static_failed else decode_path(net, requested)
+        path = decode_path(net, requested)
+        path = "eager" if path in failed else path
         ran = [r for r in rec.data.get("rows", []) if r["model"] == model and r.get("path")]
-        preallocated = ran[-1]["cache_preallocated"] if ran else path == "static"
+        preallocated = ran[-1]["cache_preallocated"] if ran else path != "eager"
         batch = analytic if preallocated else max(1, analytic // 2)
         tried = []
         while rec.left() >= 8 and batch >= 1:

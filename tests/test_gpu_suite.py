@@ -78,14 +78,15 @@ def test_dry_run_runs_every_part_and_records_what_it_measured(dry_run):
     decode = data["d"]
     assert {(r["model"], r["batch"]) for r in decode["rows"] if r["kind"] == "batch"} >= {
         ("melt", 1), ("looplm", 1), ("melt", 4), ("looplm", 4)}
-    # "auto": every row eager, then the batch-1 rows on the static path (the model offers a preallocated cache);
+    # "auto": every row eager, then batch-1 rows on the captured paths (the model offers a preallocated cache);
     # generate preallocates either way, and on CPU it does not compile.
     rows = [r for r in decode["rows"] if not r.get("oom")]
-    assert all(r["tokens_per_s"] > 0 and r["path"] == "static cache, eager" and len(r["timed_step_s"]) == 2
+    assert all(r["tokens_per_s"] > 0 and r["path"].startswith("static cache, eager") and len(r["timed_step_s"]) == 2
                for r in rows)
     requested = [r["path_requested"] for r in decode["rows"]]
-    assert requested[-3:] == ["static"] * 3 and set(requested[:-3]) == {"eager"}
-    assert [(r["model"], r["batch"]) for r in decode["rows"][-3:]] == [("melt", 1), ("melt", 1), ("looplm", 1)]
+    assert requested[-6:] == ["graphs+triton"] * 2 + ["graphs"] * 3 + ["static"] and set(requested[:-6]) == {"eager"}
+    assert [r["path"] for r in decode["rows"][-6:-4]] == ["static cache, eager, triton attention"] * 2
+    assert [(r["model"], r["batch"]) for r in decode["rows"][-6:]] == [("melt", 1)] * 4 + [("looplm", 1), ("melt", 1)]
     fits = {m["model"]: m["largest_fitting"] for m in decode["max_batch"]}
     assert set(fits) == {"melt", "looplm"} and all(fits.values())
 
@@ -181,10 +182,11 @@ def test_a_failing_measurement_is_recorded_and_the_part_goes_on(tmp_path, monkey
 
 def test_decode_rows_are_parsed_into_the_plan_and_refused_when_malformed():
     sizes = {"short_context": 1024, "long_context": 32_000}
-    assert gpu_suite._parse_decode_rows(["melt:1:long", "looplm:max:short:eager", "melt:64:2048:static"], sizes) == [
+    rows = ["melt:1:long", "looplm:max:short:eager", "melt:64:2048:static", "melt:1:long:graphs+triton"]
+    assert gpu_suite._parse_decode_rows(rows, sizes) == [
         ("melt", 1, 32_000, "batch", None), ("looplm", "max", 1024, "max batch", "eager"),
-        ("melt", 64, 2048, "batch", "static")]
-    for bad in ("melt:1", "gpt:1:long", "melt:many:long", "melt:1:longer", "melt:1:long:fast"):
+        ("melt", 64, 2048, "batch", "static"), ("melt", 1, 32_000, "batch", "graphs+triton")]
+    for bad in ("melt:1", "gpt:1:long", "melt:many:long", "melt:1:longer", "melt:1:long:fast", "melt:1:long:eager+"):
         with pytest.raises(SystemExit, match="MODEL:BATCH:CONTEXT"):
             gpu_suite._parse_decode_rows([bad], sizes)
 

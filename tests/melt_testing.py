@@ -63,6 +63,21 @@ def logits_in_pieces(model: MeltForCausalLM, ids: torch.Tensor, edges: list[int]
     return torch.cat(pieces, 1)
 
 
+def decode(model, ids, mask, cache, step=None, prefill=3):
+    """Logits `[B, L, V]` of prefill (the first `prefill` columns) then one-token steps through `cache` (with `step`,
+    e.g. a compiled model, in place of `model`)."""
+    step = model if step is None else step
+    with torch.no_grad():
+        out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], cache=cache,
+                    use_cache=True)
+        logits = [out.logits]
+        for i in range(prefill, ids.shape[1]):
+            step_mask = None if mask is None else mask[:, : i + 1]
+            out = step(ids[:, i : i + 1], attention_mask=step_mask, cache=cache, use_cache=True)
+            logits.append(out.logits.clone())  # a CUDA graph's outputs are overwritten by its next replay
+    return torch.cat(logits, dim=1)
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest absolute elementwise difference (NaN when either holds NaN), to show two results differ."""
     return (a - b).abs().max().item()

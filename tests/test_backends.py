@@ -116,6 +116,45 @@ def test_gpu_bf16_triton_matches_eager_model():
     assert ((out - ref).norm() / ref.norm()) < 2e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])
+def test_gpu_bf16_preallocated_decode_paths_match_the_reference(cache_mode):
+    """On CUDA in bf16, a padded batch of two decoding on a preallocated cache: the Triton step (eager), the in-place
+    SDPA step (forced "sdpa") and both captured as CUDA graphs (torch.compile's "cudagraphs" backend; the kernels are
+    `melt::` operators in the graph) against the reference step (forced "eager")."""
+    import torch._dynamo
+
+    from melt_testing import decode
+
+    model = tiny_model(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64, num_hidden_layers=2, num_loops=3, chunk_size=4,
+                       cache_mode=cache_mode).cuda().to(torch.bfloat16)
+    ids = torch.randint(1, 61, (2, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+
+    def run(backend, step=None):
+        # prefill with the reference (forced "sdpa" cannot attend over a prefix), then the steps with `backend`
+        cache = model.new_cache(max_cache_len=48)
+        with override_backend("eager"):
+            logits = [decode(model, ids[:, :20], mask[:, :20], cache, prefill=20)]
+        wide = torch.nn.functional.pad(mask, (0, 8))  # [B, max_cache_len]: one shape for every step, as generate
+        with override_backend(backend), torch.no_grad():
+            for i in range(20, 40):
+                torch.compiler.cudagraph_mark_step_begin()
+                out = (model if step is None else step)(ids[:, i : i + 1], attention_mask=wide, cache=cache)
+                logits.append(out.logits.clone())  # a graph's outputs are overwritten by its next replay
+        return torch.cat(logits, dim=1).float()
+
+    ref = run("eager")
+    torch._dynamo.reset()
+    graphs = torch.compile(model, fullgraph=True, dynamic=False, backend="cudagraphs")
+    for name, out in (("triton", run("triton")), ("sdpa", run("sdpa")), ("triton, graphs", run("triton", graphs)),
+                      ("auto, graphs", run("auto", graphs))):
+        real = mask.bool()
+        assert_close(out[real], ref[real], rtol=2e-2, atol=0.0, name=name)
+
+
 # per-sequence prefix lengths through the entry point --------------------------------------------------------------
 
 

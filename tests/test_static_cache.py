@@ -5,23 +5,10 @@ import pytest
 import torch
 
 from melt import MeltCache
-from melt_testing import assert_close, tiny_model
+from melt_testing import assert_close, decode, tiny_model
 
 ATOL = 1e-5
 
-
-
-def decode(model, ids, mask, cache, step=None, prefill=3):
-    """Logits `[B, L, V]` of prefill (the first `prefill` columns) then one-token steps through `cache`."""
-    step = model if step is None else step
-    with torch.no_grad():
-        out = model(ids[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill], cache=cache,
-                    use_cache=True)
-        logits = [out.logits]
-        for i in range(prefill, ids.shape[1]):
-            step_mask = None if mask is None else mask[:, : i + 1]
-            logits.append(step(ids[:, i : i + 1], attention_mask=step_mask, cache=cache, use_cache=True).logits)
-    return torch.cat(logits, dim=1)
 
 
 @pytest.mark.parametrize("cache_mode", ["shared", "per_loop"])

@@ -65,25 +65,26 @@ class MeltRMSNorm(nn.Module):
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[B, L, head_dim]` for `position_ids` `[B, L]` (rotate-half convention), computed in fp32 and
-    returned in `dtype`, the dtype of the queries and keys they rotate.
+    """The tables `apply_rotary` takes for `position_ids` `[B, L]`: cos and a signed sin, each `[B, L, head_dim]`,
+    computed in fp32 and returned in `dtype`, the dtype of the queries and keys they rotate.
 
+    Rotate-half convention: `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`. The sign of the
+    first half is folded into the table (`[-sin, sin]`), so a rotation is `x * cos + roll(x, D/2) * signed_sin`:
+    one launch fewer than negating and concatenating, and the same numbers (a sign flip is exact).
     Computed once per forward and shared by every (layer, loop): cast here once rather than at each of the
     N*T*2 rotations (a kernel each on a GPU in bf16). inv_freq is rebuilt here rather than kept as a buffer:
     it is D/2 numbers, and no buffer means nothing to re-create after meta-device loading.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, H, L, D]`; cos/sin `[B, L, D]`."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, H, L, D]`; cos, signed_sin `[B, L, D]` from `rotary_cos_sin`."""
+    cos, signed_sin = cos[:, None].to(x.dtype), signed_sin[:, None].to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class MeltMLP(nn.Module):

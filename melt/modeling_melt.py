@@ -47,9 +47,10 @@ from .configuration_melt import MeltConfig, validate_exit_step, validate_num_loo
 class MeltRMSNorm(nn.Module):
     """RMSNorm as Ouro computes it: normalise in fp32 (fp64 stays fp64), cast back to the input dtype, then scale.
 
-    The normalisation is torch's `F.rms_norm` without a weight: on CPU it decomposes into exactly the lines Ouro
-    writes (bit-identical), and on CUDA it can run as one fused kernel; the weight is applied after the cast back,
-    as Ouro does, which a fused weighted call would not do.
+    The normalisation is torch's `F.rms_norm` without a weight, on the input as it is: it computes in fp32 at least
+    and returns the input's dtype. On CPU it decomposes into exactly the lines Ouro writes, casts included
+    (bit-identical; a test checks it in bf16 and fp16), and on CUDA it can run as one fused kernel with the casts
+    inside it; the weight is applied after the cast back, as Ouro does, which a fused weighted call would not do.
     """
 
     def __init__(self, hidden_size: int, eps: float):
@@ -58,9 +59,8 @@ class MeltRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(dtype)
+        # `.to`: a no-op, unless autocast runs rms_norm in fp32; the normalised values are rounded to x's dtype then
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,

@@ -513,6 +513,22 @@ def test_attention_outputs_are_kept_only_when_asked_for():
     assert max_diff(both.logits, loops_only.logits) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_is_ouros_lines_bit_for_bit(dtype):
+    from melt.modeling_melt import MeltRMSNorm
+
+    norm = MeltRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 64) * 4).to(dtype)
+    hidden = x.to(torch.float32)  # Ouro: normalise in fp32, cast back, then scale
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    expected = norm.weight * hidden.to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
 def test_rotary_tables_come_in_the_activations_dtype_and_rotating_casts_nothing():
     # cos/sin are cast once per forward (rotary_cos_sin), not at each of the N*T*2 rotations: in bf16 each cast
     # would be one more kernel launch per (layer, loop) on a GPU.

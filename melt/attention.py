@@ -187,24 +187,26 @@ def eager_chunk_attention(q, k, v, k_prefix, v_prefix, key_mask, prefix_lengths=
     return out.view(batch, heads, chunk, dim).to(q.dtype)
 
 
-def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
                     no_key: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per sequence attending over whole preallocated cache buffers that already hold its own row.
+    """One new token per sequence attending over preallocated cache buffers that already hold its own row.
 
-    q `[B, H, 1, D]`; keys/values `[B, Hkv, S, D]`, the buffers of the slot this loop reads, the token's rows of
-    this loop written at its column; `bias` `[B or 1, 1, 1, S]`, added to the scores: 0 on the columns written so
-    far, the token's own included, that are not padding, -inf elsewhere; `no_key` `[B, 1, 1, 1]` bool or None:
-    sequences whose token sees no key (their output is zeros, as `chunk_attention` gives), None when every token
-    sees at least its own row.
+    q `[B, H, 1, D]`; keys/values `[B, Hkv, W, D]`, the first W columns of the buffers of the slot this loop reads
+    (views), the token's rows of this loop written at its column; `bias` `[B or 1, 1, 1, W]`, added to the scores:
+    0 on the columns written so far, the token's own included, that are not padding, -inf elsewhere, or None when
+    every column is visible; `no_key` `[B, 1, 1, 1]` bool or None: sequences whose token sees no key (their output is
+    zeros, as `chunk_attention` gives), None when every token sees at least its own row.
 
     One SDPA call in the rows' dtype (its kernels accumulate in fp32): no copy or upcast of the buffers, nothing
-    built per call, fixed shapes whatever the fill, so `torch.compile(fullgraph=True)` traces it. Equal to
-    `chunk_attention` over the written columns with the token's rows as the chunk (MELT_SPEC: one row per token,
-    overwritten across loops).
+    built per call. A compiled step passes the whole buffer (fixed shapes whatever the fill, so
+    `torch.compile(fullgraph=True)` traces it); an eager one only the columns written, without a mask unless there
+    is padding. Equal to `chunk_attention` over the written columns with the token's rows as the chunk (MELT_SPEC:
+    one row per token, overwritten across loops).
     """
     group = q.shape[1] // keys.shape[1]
     dtype = keys.dtype
-    out = F.scaled_dot_product_attention(q.to(dtype), keys, values, attn_mask=bias.to(dtype), enable_gqa=group > 1)
+    bias = None if bias is None else bias.to(dtype)
+    out = F.scaled_dot_product_attention(q.to(dtype), keys, values, attn_mask=bias, enable_gqa=group > 1)
     if no_key is not None:
         out = out.masked_fill(no_key, 0.0)
     return out.to(q.dtype)

@@ -433,9 +433,10 @@ class MeltCache(Cache):
         layer, slot = self.layers[layer_idx], self._read_slot(loop)
         return layer.keys[slot], layer.values[slot]
 
-    def static_place_rows(self, layer_idx: int, loop: int, rows):
-        """Write the new token's rows of loop `loop` at column `fill` of the slot that loop reads, and return that
-        slot's whole buffers, for an attention that reads the token's own row in place (`cache_attention`).
+    def static_place_rows(self, layer_idx: int, loop: int, rows, columns: int):
+        """Write the new token's rows of loop `loop` at column `fill` of the slot that loop reads, and return the
+        first `columns` columns of that slot's buffers (views), for an attention that reads the token's own row in
+        place (`cache_attention`).
 
         Shared mode: the column is the token's one row, overwritten by each loop; after the last loop it holds the
         final row (an exited token's latent, hence its row, is its exit loop's), so nothing is left to commit.
@@ -443,7 +444,7 @@ class MeltCache(Cache):
         slot = self._read_slot(loop)
         self._static_write(layer_idx, slot, rows)
         layer = self.layers[layer_idx]
-        return layer.keys[slot], layer.values[slot]
+        return layer.keys[slot][:, :, :columns], layer.values[slot][:, :, :columns]
 
     def static_write_loop_rows(self, layer_idx: int, loop: int, rows) -> None:
         self._static_write(layer_idx, self._loop_slot(loop), rows)

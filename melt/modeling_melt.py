@@ -179,10 +179,11 @@ class _LayerInputs:
 class _InPlaceRows:
     """How the preallocated decode step attends without the Triton kernels: each (layer, loop) writes the new
     token's rows into the cache column it will own (`place`, `MeltCache.static_place_rows`), then attends over
-    the whole buffers with `cache_attention`; see `MeltModel._static_decode_step`."""
+    the buffers' first `columns` columns with `cache_attention`; see `MeltModel._static_decode_step`."""
 
-    place: Callable[[int, int, tuple], tuple[torch.Tensor, torch.Tensor]]
-    bias: torch.Tensor  # [B or 1, 1, 1, max_cache_len]: 0 where written (this token included) and not padding, -inf
+    place: Callable[[int, int, tuple, int], tuple[torch.Tensor, torch.Tensor]]
+    columns: int  # the buffer's width when compiled (fixed shapes); eager: the columns written, this token's included
+    bias: torch.Tensor | None  # [B or 1, 1, 1, columns]: 0 where written and not padding, else -inf; None: all 0
     no_key: torch.Tensor | None  # [B, 1, 1, 1] bool: tokens that see no key (None: each sees its own row)
 
 
@@ -247,8 +248,9 @@ class MeltDecoderLayer(GradientCheckpointingLayer):
             attn = chunk_attention(q, k, v, k_prefix, v_prefix, inputs.key_mask, backend,
                                    prefix_lengths=inputs.prefix_lengths)
         else:
-            keys, values = inputs.in_place.place(self.layer_idx, loop, (k, v))
-            attn = cache_attention(q, keys, values, inputs.in_place.bias, inputs.in_place.no_key)
+            rows = inputs.in_place
+            keys, values = rows.place(self.layer_idx, loop, (k, v), rows.columns)
+            attn = cache_attention(q, keys, values, rows.bias, rows.no_key)
         attn = attn.transpose(1, 2).flatten(2)  # [B, C, H*D]
         out = hidden + self.input_layernorm_2(self.self_attn.o_proj(attn))
         out = out + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(out)))
@@ -596,9 +598,10 @@ class MeltModel(MeltPreTrainedModel):
         - in place (`cache_attention`, SDPA): every backend but a forced "triton", "eager" or "flash", i.e. "auto" off
           CUDA, "sdpa", and "auto" when compiled (the Triton kernels launch outside a graph). Each (layer, loop)
           first writes the new token's rows at column `fill`, the column the token owns (MELT_SPEC: one row per
-          token, overwritten across loops), then attends over the columns `<= fill` that are not padding. After the
-          last loop the shared column holds the final row and per-loop rows are in their slots: nothing is left to
-          write.
+          token, overwritten across loops), then attends over the columns `<= fill` that are not padding: compiled,
+          the whole buffer under a mask; eager, only those columns (the host knows `fill`), masked only for padding.
+          After the last loop the shared column holds the final row and per-loop rows are in their slots: nothing
+          is left to write.
         - prefix + chunk (`chunk_attention` with `prefix_lengths = fill`): the Triton kernels (CUDA, eager), which
           skip the key blocks past `fill`, and the eager reference. The new token's rows of the current loop are the
           chunk (C = 1); per-loop rows are written at `fill` as soon as they exist, the shared row after the last
@@ -618,10 +621,14 @@ class MeltModel(MeltPreTrainedModel):
             )
         if not cache.is_initialized:
             cache.make_room(1, like=self._row_like(embeds, batch))
-        if not torch.compiler.is_compiling() and cache.get_seq_length() >= columns:  # eager: one host read
-            raise ValueError(
-                f"this cache was preallocated for {columns} tokens and is full; create it with a larger max_cache_len"
-            )
+        width = columns  # compiled: the whole buffer, masked past `fill` (fixed shapes)
+        if not torch.compiler.is_compiling():
+            width = cache.get_seq_length() + 1  # eager: one host read, and the attention reads the written columns
+            if width > columns:
+                raise ValueError(
+                    f"this cache was preallocated for {columns} tokens and is full; create it with a larger "
+                    "max_cache_len"
+                )
         fill = cache.fill  # [1]
         column = torch.arange(columns, device=device)
         written = column < fill  # [S]: the columns of earlier tokens
@@ -643,15 +650,17 @@ class MeltModel(MeltPreTrainedModel):
         if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
             backend = "auto"  # the Triton kernels launch outside graphs: the gate's plain lines, attention in place
         if backend in ("auto", "sdpa"):
-            visible = column <= fill  # [S]: this token's own column too
-            no_key = None
+            # Eager, the window is the columns written, this token's included: only padding needs a mask.
+            visible = column <= fill if torch.compiler.is_compiling() else None  # [S]
+            no_key = bias = None
             if mask is not None:
-                visible = visible & mask  # [B, S]
+                visible = mask[:, :width] if visible is None else visible & mask  # [B, W]
                 no_key = ~visible.any(-1).view(batch, 1, 1, 1)
-            # Additive, built once per step: SDPA would turn a bool mask into this at each (layer, loop).
-            bias = torch.zeros(visible.shape, dtype=self._compute_dtype(embeds), device=device)
-            bias = bias.masked_fill(~visible, float("-inf")).view(-1, 1, 1, columns)
-            in_place = _InPlaceRows(cache.static_place_rows, bias, no_key)
+            if visible is not None:
+                # Additive, built once per step: SDPA would turn a bool mask into this at each (layer, loop).
+                bias = torch.zeros(visible.shape, dtype=self._compute_dtype(embeds), device=device)
+                bias = bias.masked_fill(~visible, float("-inf")).view(-1, 1, 1, width)
+            in_place = _InPlaceRows(cache.static_place_rows, width, bias, no_key)
             inputs = _LayerInputs(cos, sin, None, None, backend, in_place=in_place)
             out, _ = self._run_loops(embeds, plan, inputs, _no_prefix, None, can_skip=False)
         else:

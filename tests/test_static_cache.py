@@ -67,6 +67,36 @@ def test_in_place_step_equals_the_prefix_and_chunk_step_and_writes_the_same_rows
             assert_close(buffer, expected, atol=ATOL, name=f"{backend} buffer {i}")
 
 
+def test_in_place_step_reads_the_written_columns_eager_and_the_whole_buffer_compiled(monkeypatch):
+    """Eager, the host knows the fill: the attention gets the columns written (this token's included) and no mask
+    without padding; compiled, the whole buffer under a mask (fixed shapes)."""
+    import torch._dynamo
+
+    import melt.modeling_melt as modeling
+
+    seen, cache_attention = [], modeling.cache_attention
+
+    def spy(q, keys, values, bias, no_key=None):
+        seen.append((keys.shape[2], None if bias is None else bias.shape[-1]))
+        return cache_attention(q, keys, values, bias, no_key)
+
+    monkeypatch.setattr(modeling, "cache_attention", spy)
+    model = tiny_model(chunk_size=2, num_hidden_layers=1, num_loops=2)
+    ids = torch.randint(1, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    decode(model, ids, None, model.new_cache(max_cache_len=16), prefill=5)
+    assert seen == [(6, None)] * 2 + [(7, None)] * 2
+    seen.clear()
+    mask[1, 0] = 0
+    decode(model, ids, mask, model.new_cache(max_cache_len=16), prefill=5)
+    assert seen == [(6, 6)] * 2 + [(7, 7)] * 2
+    seen.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    decode(model, ids, None, model.new_cache(max_cache_len=16), step=compiled, prefill=5)
+    assert set(seen) == {(16, 16)}  # traced once: one graph for both steps
+
+
 def test_decode_step_copies_no_buffer_in_bf16():
     """The in-place step reads the cache in its own dtype: in bf16 it allocates activations only, where the reference
     step's fp32 softmax upcasts every buffer it reads (2 x 2 x N x T buffers per token)."""
@@ -76,7 +106,7 @@ def test_decode_step_copies_no_buffer_in_bf16():
     model = tiny_model(max_position_embeddings=4096).to(torch.bfloat16)
     allocated = {}
     for backend in ("auto", "eager"):
-        cache = model.new_cache(max_cache_len=4096)  # both steps read the whole buffer, whatever its fill
+        cache = model.new_cache(max_cache_len=4096)  # the reference reads (and upcasts) all of it, whatever the fill
         with torch.no_grad(), override_backend(backend):
             model(torch.randint(1, 61, (1, 3)), cache=cache)
             with DispatchTally() as tally:

@@ -760,6 +760,13 @@ def decode_path(net, requested: str) -> str:
     return requested
 
 
+def _cudagraph_skips() -> int:
+    """torch's count of compiled graphs it could not capture as CUDA graphs (each logged with its reason)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def timed_generate(net, batch: int, context: int, steps: int, warmup: int, device: torch.device, path: str) -> dict:
     """`generate` of `warmup + steps` tokens after a `context`-token prompt; per-step times and allocator peak."""
     from transformers import StoppingCriteriaList
@@ -782,12 +789,15 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
            "timed_steps": steps}
     # The allocator's peak on CUDA; on CPU the only allocator probe is the profiler, which would distort the timing.
     probe_of = common.memory_probe(device) if device.type == "cuda" else contextlib.nullcontext({})
+    skips = _cudagraph_skips()
     try:
         with torch.no_grad(), forced, probe_of as probe:
             common.synchronize(device)
             start = time.perf_counter()
             out = net.generate(ids, **kwargs)
         cache = out.cache
+        # A compiled step whose CUDA graphs torch skipped (it logs why) runs its kernels one launch at a time.
+        skipped = _cudagraph_skips() - skips
         # What ran, whatever was asked: transformers may ignore cache_implementation (with a warning), and compiles
         # the decode step only for a compileable cache on CUDA (it keeps the compiled call on the model).
         preallocated = bool(getattr(cache, "is_preallocated", getattr(cache, "is_compileable", False)))
@@ -795,8 +805,10 @@ def timed_generate(net, batch: int, context: int, steps: int, warmup: int, devic
         how = ("CUDA graphs (no inductor)" if capture == "graphs" else "compiled") if compiled else "eager"
         row.update(cache_nbytes=cache.nbytes(), cache_capacity_nbytes=cache.capacity_nbytes(),
                    cache_class=type(cache).__name__, cache_preallocated=preallocated, compiled_forward=compiled,
+                   cudagraph_skips=skipped,
                    path=f"{'static' if preallocated else 'dynamic'} cache, {how}"
-                        + (f", {attention} attention" if attention else ""))
+                        + (f", {attention} attention" if attention else "")
+                        + (", CUDA graphs skipped" if compiled and skipped and device.type == "cuda" else ""))
         del out, cache
     except torch.OutOfMemoryError as error:
         row.update(oom=str(error).splitlines()[0])

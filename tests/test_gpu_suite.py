@@ -82,7 +82,7 @@ def test_dry_run_runs_every_part_and_records_what_it_measured(dry_run):
     # generate preallocates either way, and on CPU it does not compile.
     rows = [r for r in decode["rows"] if not r.get("oom")]
     assert all(r["tokens_per_s"] > 0 and r["path"].startswith("static cache, eager") and len(r["timed_step_s"]) == 2
-               for r in rows)
+               and r["cudagraph_skips"] == 0 for r in rows)
     requested = [r["path_requested"] for r in decode["rows"]]
     assert requested[-6:] == ["graphs+triton"] * 2 + ["graphs"] * 3 + ["static"] and set(requested[:-6]) == {"eager"}
     assert [r["path"] for r in decode["rows"][-6:-4]] == ["static cache, eager, triton attention"] * 2

@@ -198,6 +198,34 @@ def test_compiled_decode_step_is_one_graph_equal_to_eager():
             assert torch.equal(greedy(prompt, compiled, 8), greedy(prompt, model, 8))
 
 
+@pytest.mark.parametrize("cache_mode, threshold", [("per_loop", None), ("shared", 0.5), ("per_loop", 0.5)],
+                         ids=["per_loop", "shared-early-exit", "per_loop-early-exit"])
+def test_compiled_step_equals_eager_for_per_loop_caches_and_early_exit(cache_mode, threshold):
+    """The in-place step compiled with fullgraph in the other modes it serves: per-loop rows (written into each loop's
+    slot as they are made) and early exit (exited tokens masked, every loop run), on a padded batch."""
+    import torch._dynamo
+
+    model = tiny_model(chunk_size=2, cache_mode=cache_mode)
+    model.model.early_exit_gate.bias.data.fill_(0.0)  # tokens exit at different loops
+    ids = torch.randint(1, 61, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+
+    def with_threshold(step):
+        def call(ids, attention_mask, **kwargs):  # the fixed-width mask a compiled generate passes: one graph
+            wide = torch.nn.functional.pad(attention_mask, (0, 12 - attention_mask.shape[1]))
+            return step(ids, attention_mask=wide, early_exit_threshold=threshold, **kwargs)
+
+        return call
+
+    eager = decode(model, ids, mask, model.new_cache(max_cache_len=12), step=with_threshold(model))
+    steps = decode(model, ids, mask, model.new_cache(max_cache_len=12), step=with_threshold(compiled))
+    real = mask.bool()
+    assert_close(steps[real], eager[real], atol=ATOL)
+
+
 def test_compiled_step_on_cuda_calls_no_kernel_that_launches_outside_graphs(monkeypatch):
     """On CUDA "auto" resolves to the Triton kernels, which launch outside graphs (`torch.compiler.disable`): the
     compiled step must use neither the attention kernel nor the gate's, or `fullgraph=True` fails. Here the

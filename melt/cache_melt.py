@@ -3,7 +3,9 @@
 Each physical layer keeps a few *row slots*, each a buffer `[B, kv_heads, capacity, head_dim]`:
 
 - `shared` (MELT): one slot. A token's row in it is written once, when all its loops are done (its
-  final row); queries of later chunks read it.
+  final row); queries of later chunks read it. (The one-token step on a preallocated cache may instead write
+  the token's row of each loop into its column as the loop makes it, `static_place_rows`: the column is the
+  token's own, and the last loop leaves the final row there.)
 - `per_loop` (Ouro): one slot per loop; loop t's queries read slot t. N*T rows per token.
 - `shared` with the phase-1 blend (`kv_blend_alpha` < 1): T loop slots and the shared slot. Loop slot t
   holds the blended row `alpha * shared + (1 - alpha) * loop_t`, written once per token like the shared
@@ -17,9 +19,9 @@ Two ways to hold rows:
 - Preallocated (`MeltCache(..., max_cache_len=N)`, `model.new_cache(max_cache_len=N)`, and what `generate`
   builds from the prompt length and `max_new_tokens`): exactly N columns, allocated on the first write, never
   grown or copied. The column count is also kept as a device tensor, so a one-token decode step
-  (`static_prefix_rows` / `static_write` / `static_advance`) has fixed shapes and no host sync: it reads the
-  whole buffer with a visibility mask and writes by `index_copy_`, which `torch.compile(fullgraph=True)` and
-  CUDA graphs capture (`is_compileable`).
+  (`static_prefix_rows` / `static_place_rows` / `static_write_*` / `static_advance`) has fixed shapes and no
+  host sync: it reads the whole buffer with a visibility mask and writes by `index_copy_`, which
+  `torch.compile(fullgraph=True)` and CUDA graphs capture (`is_compileable`).
 - Dynamic (no `max_cache_len`): allocated at the first call's length, then grown in steps of `GROW_COLUMNS`
   columns. Growing copies the buffer once (old and new exist together for that moment); at decode that is one
   copy per 256 tokens, against T full reads of the cache per token by attention. Preallocate to avoid it.

@@ -1,6 +1,6 @@
 """Everything owed to a GPU, in one prepared call: `python -m benchmarks.gpu_suite --out DIR`.
 
-    python -m benchmarks.gpu_suite --out DIR [--budget-s 540] [--parts a b c d e f] [--decode-path auto|static|eager]
+    python -m benchmarks.gpu_suite --out DIR [--budget-s 540] [--parts a b c d e f] [--decode-path auto|PATH]
     python -m benchmarks.gpu_suite --out DIR --merge A.json B.json ...   # one report of several calls
     python -m benchmarks.gpu_suite --out DIR --device cpu --dry-run      # every part at toy size, on CPU
 
@@ -859,10 +859,13 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
 
     failed = set()  # compiled paths that failed once: their remaining rows go eager at once
 
+    def path_of(net, requested):
+        path = decode_path(net, requested)
+        return "eager" if path in failed else path
+
     def measure(model, batch, context, kind, requested):
         net = net_of(model)
-        path = decode_path(net, requested)
-        path = "eager" if path in failed else path
+        path = path_of(net, requested)
         row = {"model": model, "kind": kind, "num_loops": net.config.num_loops, "batch": batch, "context": context}
         started = time.monotonic()
         print(f"gpu_suite d: {model} batch {batch}, {context} tokens, {path} path ...", flush=True)
@@ -908,8 +911,7 @@ def part_decode(rec: Recorder, device: torch.device, dry: bool, sizes: dict, arg
         weights = sum(p.numel() * p.element_size() for p in net.parameters())
         analytic = max(1, int((budget - weights) // kv_seq))
         # A dynamic cache doubles its buffers at the first decode step after the prefill: half the rows fit.
-        path = decode_path(net, requested)
-        path = "eager" if path in failed else path
+        path = path_of(net, requested)
         ran = [r for r in rec.data.get("rows", []) if r["model"] == model and r.get("path")]
         preallocated = ran[-1]["cache_preallocated"] if ran else path != "eager"
         batch = analytic if preallocated else max(1, analytic // 2)

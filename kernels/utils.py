@@ -92,10 +92,8 @@ def graph_op(name: str, fake: Callable) -> Callable:
     """
 
     def register(fn: Callable) -> Callable:
-        try:
-            return getattr(torch.ops.melt, name)  # registered by the other import of this package
-        except AttributeError:
-            pass
+        if hasattr(torch.ops.melt, name):  # registered by the other import of this package
+            return getattr(torch.ops.melt, name)
         op = torch.library.custom_op(f"melt::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         return op

@@ -443,10 +443,9 @@ class MeltCache(Cache):
         Shared mode: the column is the token's one row, overwritten by each loop; after the last loop it holds the
         final row (an exited token's latent, hence its row, is its exit loop's), so nothing is left to commit.
         Per-loop mode: the row is final at once, in the loop's own slot."""
-        slot = self._read_slot(loop)
-        self._static_write(layer_idx, slot, rows)
-        layer = self.layers[layer_idx]
-        return layer.keys[slot][:, :, :columns], layer.values[slot][:, :, :columns]
+        self._static_write(layer_idx, self._read_slot(loop), rows)
+        keys, values = self.static_prefix_rows(layer_idx, loop)
+        return keys[:, :, :columns], values[:, :, :columns]
 
     def static_write_loop_rows(self, layer_idx: int, loop: int, rows) -> None:
         self._static_write(layer_idx, self._loop_slot(loop), rows)

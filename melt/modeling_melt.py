@@ -593,8 +593,8 @@ class MeltModel(MeltPreTrainedModel):
         """Decode one token per sequence with fixed shapes and no host sync, so that it can be compiled with
         `fullgraph=True` and captured as a CUDA graph; the same step runs eagerly when not compiled.
 
-        Two ways to attend, each reading the whole preallocated buffer of a (layer, loop)'s slot (`[B, kv_heads,
-        max_cache_len, D]`) in place, never a copy:
+        Two ways to attend, each reading a (layer, loop)'s slot buffer (`[B, kv_heads, max_cache_len, D]`) in place,
+        never a copy:
         - in place (`cache_attention`, SDPA): every backend but a forced "triton", "eager" or "flash", i.e. "auto" off
           CUDA, "sdpa", and "auto" when compiled (the Triton kernels launch outside a graph). Each (layer, loop)
           first writes the new token's rows at column `fill`, the column the token owns (MELT_SPEC: one row per
@@ -631,7 +631,6 @@ class MeltModel(MeltPreTrainedModel):
                 )
         fill = cache.fill  # [1]
         column = torch.arange(columns, device=device)
-        written = column < fill  # [S]: the columns of earlier tokens
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=device, dtype=torch.bool)
@@ -642,7 +641,7 @@ class MeltModel(MeltPreTrainedModel):
                 )
             mask = F.pad(mask, (0, columns - mask.shape[1]))  # [B, S]: padding columns are False
             if position_ids is None:  # real tokens written before this one
-                position_ids = (mask & written).sum(-1, keepdim=True)
+                position_ids = (mask & (column < fill)).sum(-1, keepdim=True)
         if position_ids is None:
             position_ids = fill.view(1, 1).expand(batch, 1)
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))

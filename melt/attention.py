@@ -240,15 +240,23 @@ def _flash(q, k, v, k_prefix, v_prefix) -> torch.Tensor:
     return merged.to(q.dtype).transpose(1, 2)
 
 
-def gated_update(a: torch.Tensor, s: torch.Tensor, ga: torch.Tensor, gs: torch.Tensor, b: torch.Tensor, backend: str):
-    """The learned gate: `z = sigmoid(ga + gs + b)`, `s' = z * s + (1 - z) * a`; one fused pass with "triton"
-    (the kernel itself falls back to its reference on CPU outside the Triton interpreter). Every other
-    backend, "auto" off CUDA included, and a scalar gate (ga, gs [..., 1], broadcast over the hidden units) run
-    the plain PyTorch lines: the one place MELT's models write the rule."""
-    if backend == "triton" and a.dtype != torch.float64 and ga.shape == a.shape:
+def gated_update(a: torch.Tensor, s: torch.Tensor, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor, backend: str):
+    """The learned gate: `z = sigmoid(a W^T + s U^T + b)`, `s' = z * s + (1 - z) * a`.
+
+    With "triton" the two GEMMs are followed by one fused pass (the kernel itself falls back to its reference on
+    CPU outside the Triton interpreter). Every other backend, "auto" off CUDA included, and a scalar gate (W, U
+    [1, hidden]: one gate per token, broadcast over the hidden units) run the plain PyTorch lines, four ops: the
+    bias and then `s U^T` are added inside the GEMMs (addmm), and `lerp` blends in one pass. This is the one place
+    MELT's models write the rule.
+    """
+    if backend == "triton" and a.dtype != torch.float64 and W.shape[0] == a.shape[-1]:
+        ga, gs = F.linear(a, W), F.linear(s, U)
         # Under autocast the gate's GEMMs (ga, gs) come out in the autocast dtype while a and s stay in the
         # weights' dtype; the kernel takes one dtype, the one the plain lines below would compute in.
         dtype = functools.reduce(torch.promote_types, (s.dtype, ga.dtype, gs.dtype, b.dtype), a.dtype)
         return triton_gated_update(*(t.to(dtype) for t in (a, s, ga, gs)), b)
-    z = torch.sigmoid(ga + gs + b)
-    return z * s + (1 - z) * a
+    pre = F.linear(a, W, b)
+    pre = torch.addmm(pre.reshape(-1, pre.shape[-1]), s.reshape(-1, s.shape[-1]), U.t()).view(pre.shape)
+    z = torch.sigmoid(pre)
+    dtype = functools.reduce(torch.promote_types, (s.dtype, z.dtype), a.dtype)
+    return torch.lerp(a.to(dtype), s.to(dtype), z.to(dtype))

@@ -157,9 +157,7 @@ class MeltLatentGate(nn.Module):
             return s + (a - s) / (loop + 1)
         if self.gate_type == "ema":
             return torch.lerp(a, s, self.ema_decay)
-        # elementwise: ga, gs [B, C, hidden]; scalar: [B, C, 1], one gate per token, broadcast by the plain lines.
-        ga, gs = F.linear(a, self.W), F.linear(s, self.U)
-        return gated_update(a, s, ga, gs, self.b, backend)
+        return gated_update(a, s, self.W, self.U, self.b, backend)
 
 
 @dataclass(frozen=True)

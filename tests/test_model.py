@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from melt import MeltCache, MeltConfig, MeltForCausalLM, override_backend
 from melt.modeling_melt import GATE_MARKER, MeltLatentGate, select_exit_loop
+from melt_kernels.gated_update import naive_gated_update
 from melt_testing import assert_close, logits_in_pieces, max_diff, tiny_config, tiny_model, twin
 from ouro_reference import exit_probs, ouro_forward, select_logits
 
@@ -310,6 +313,43 @@ def test_gate_types_follow_the_spec(gate_type):
     assert sum(p.numel() for p in gate.parameters()) == expected
 
 
+class OpNames(TorchDispatchMode):
+    """The aten ops a block dispatches, by name, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def launches(self) -> list[str]:
+        """The ops that would launch a kernel on a GPU (views and reshapes excluded)."""
+        return [n for n in self.names
+                if n not in ("view", "_unsafe_view", "t", "slice", "unsqueeze", "expand", "promote_types")]
+
+
+@pytest.mark.parametrize("gate_type", ["elementwise", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_learned_gate_is_two_gemms_a_sigmoid_and_a_lerp(gate_type, dtype):
+    # Every backend but triton runs the plain lines ("auto" off CUDA, and compiled graphs that are not fused):
+    # the bias and s U^T are added inside the GEMMs and the blend is one lerp, rounded once in bf16 as the fp32
+    # reference (and the Triton kernel) round it.
+    torch.manual_seed(0)
+    gate = MeltLatentGate(tiny_config(gate_type=gate_type)).to(dtype)
+    for p in gate.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)
+    a, s = torch.randn(2, 3, 32, dtype=dtype), torch.randn(2, 3, 32, dtype=dtype)
+    with torch.no_grad(), OpNames() as ops:  # as in decode
+        out = gate(a, s, 1, "auto")
+    assert ops.launches() == ["addmm", "addmm", "sigmoid", "lerp"]
+    expected = naive_gated_update(a, s, F.linear(a.float(), gate.W.float()), F.linear(s.float(), gate.U.float()),
+                                  gate.b.float())
+    assert out.dtype == dtype and out.shape == a.shape
+    assert_close(out, expected, atol=1e-6 if dtype == torch.float32 else 3e-2)
+
+
 GRADCHECK_CASES = {
     "shared": dict(),
     "per_loop": dict(cache_mode="per_loop"),
@@ -532,18 +572,7 @@ def test_rms_norm_is_ouros_lines_bit_for_bit(dtype):
 def test_rotary_tables_come_in_the_activations_dtype_and_rotating_casts_nothing():
     # cos/sin are cast once per forward (rotary_cos_sin), not at each of the N*T*2 rotations: in bf16 each cast
     # would be one more kernel launch per (layer, loop) on a GPU.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from melt.modeling_melt import apply_rotary, rotary_cos_sin
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     positions = torch.arange(7)[None]
     cos32, sin32 = rotary_cos_sin(positions, 8, 10_000.0)
@@ -551,7 +580,7 @@ def test_rotary_tables_come_in_the_activations_dtype_and_rotating_casts_nothing(
     assert cos.dtype == sin.dtype == torch.bfloat16
     assert torch.equal(cos, cos32.to(torch.bfloat16)) and torch.equal(sin, sin32.to(torch.bfloat16))
     x = torch.randn(1, 2, 7, 8, dtype=torch.bfloat16)
-    with Ops() as ops:
+    with OpNames() as ops:
         rotated = apply_rotary(x, cos, sin)
     assert "_to_copy" not in ops.names and len([n for n in ops.names if n not in ("slice", "unsqueeze")]) == 4
     assert torch.equal(rotated, apply_rotary(x, cos32, sin32))

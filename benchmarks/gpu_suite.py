@@ -11,7 +11,9 @@ order, each part with its own time cap, inside one budget (README "GPU" gives th
      variant (bf16 included; pass/fail/skip counts from pytest's JUnit XML), then every production autotune
      configuration of the chunk-attention kernels (pytest only ever runs one), each forced in turn and compared,
      forward and backward, with the fp32 reference;
-  b. `benchmarks.kernels`: gated-update GB/s against a device copy of the same bytes; chunk attention forward
+  b. `benchmarks.kernels`: gated-update GB/s against a device copy of the same bytes; decode attention (C = 1)
+     over a preallocated buffer, the Triton kernel with lengths vs in-place SDPA (written columns; whole buffer
+     with a mask), as GB/s against a copy of the same bytes, batch 1 and 8, P in {1K, 8K, 32K}; chunk attention forward
      and backward against SDPA-flash on equal work and against concatenate + SDPA, C in {1, 64, 500} and
      P in {1K, 8K, 32K};
   c. memory at the Ouro-1.4B shape, 32,000 tokens, 4 loops, bf16, by the allocator (MELT, LoopLM, standard):
@@ -78,7 +80,8 @@ class Part:
 
 PARTS = {
     "a": Part("a", "tests on CUDA and every production autotune configuration", 90, 30),
-    "b": Part("b", "kernel benchmarks (benchmarks.kernels)", 50, 20),
+    # 43 s on an H100 before the decode-attention rows (18 timings and the decode kernels' autotuning) came first.
+    "b": Part("b", "kernel benchmarks (benchmarks.kernels)", 60, 20),
     "c": Part("c", "memory at the Ouro-1.4B shape, 32,000 tokens", 50, 25),
     # Measured on an H100 (2026-11-27): the eager rows take 90 s, each compiled row 185 s (180 s of compile).
     "d": Part("d", "decode tokens/s, MELT vs LoopLM", 280, 30),
@@ -632,6 +635,8 @@ def part_kernels(rec: Recorder, device: torch.device, dry: bool, sizes: dict, ar
     from . import kernels as bench
 
     rec.set("gated_update", bench.bench_gated_update())
+    # SDPA's own choice of kernel here (no backend forced): what the model's in-place step gets.
+    rec.set("decode_attention", bench.bench_decode_attention())
     prefixes = list(bench.ATTN_PREFIXES)
     rows = []
     try:
@@ -667,6 +672,10 @@ def _toy_kernel_rows(rec: Recorder, device: torch.device) -> None:
     t, copy_t = ms(lambda: naive_gated_update(a, s, ga, gs, b)), ms(buf.clone)
     rec.set("gated_update", [{"op": "gated_update", "direction": "fwd", "shape": list(shape), "bytes": moved, "ms": t,
                               "gb_per_s": moved / t / 1e6, "copy_ms": copy_t, "copy_gb_per_s": moved / copy_t / 1e6}])
+    from . import kernels as bench
+
+    rec.set("decode_attention", bench.bench_decode_attention(batches=[1, 2], fills=[16, 64], heads=2, head_dim=64,
+                                                             dtype=torch.float32, device=device, time_ms=ms))
     rows = []
     for P in (16, 64):
         for C in (1, 8):
@@ -1158,6 +1167,17 @@ def _section_kernels(data: dict, report: dict) -> list[str]:
         lines += _table(["gated update", "dir", "GB/s", "copy GB/s", "% of copy"],
                         [[str(tuple(r["shape"])), r["direction"], _num(r["gb_per_s"], 1), _num(r["copy_gb_per_s"], 1),
                           _num(100 * r["gb_per_s"] / r["copy_gb_per_s"], 1)] for r in gated])
+    decode = data.get("decode_attention") or []
+    if decode:
+        lines += ["Decode attention (C = 1, H = 16, D = 128, bf16 on GPU; the buffer 256 columns wider than the "
+                  "fill P): GB/s over the K/V bytes of the P + 1 written columns, and that over a device copy of "
+                  "the same bytes. triton_lengths: the kernel with per-sequence lengths (eager CUDA step, "
+                  "graphs+triton); sdpa_written: SDPA over the written columns (eager in-place step); "
+                  "sdpa_buffer_mask: SDPA over the whole buffer with a mask (compiled in-place step).", ""]
+        lines += _table(["batch", "P", "impl", "ms", "GB/s", "% of copy", "max abs diff vs triton_lengths"],
+                        [[r["B"], r["P"], r["impl"], _num(r["ms"], 4), _num(r["gb_per_s"], 1),
+                          _num(100 * r["gb_per_s"] / r["copy_gb_per_s"], 1),
+                          f"{r['max_abs_diff_vs_triton_lengths']:.2e}"] for r in decode])
     attn = data.get("chunk_attention") or []
     by = {(r["C"], r["P"], r["impl"]): r for r in attn}
     rows = []
@@ -1292,10 +1312,14 @@ def _title(report: dict, what: str) -> str:
 def _plot_kernels(datas: dict, report: dict):
     data = datas["b"]
     gated, attn = data.get("gated_update") or [], data.get("chunk_attention") or []
-    if not gated and not attn:
+    decode = data.get("decode_attention") or []
+    if not gated and not attn and not decode:
         return None
-    fig, axes = common.new_figure(ncols=2)
-    ax_bw, ax_attn = axes[0]
+    fig, axes = common.new_figure(ncols=3)
+    ax_bw, ax_attn, ax_decode = axes[0]
+    from . import kernels
+
+    kernels.plot_decode(ax_decode, decode)
     xs = range(len(gated))
     ax_bw.bar([x - 0.2 for x in xs], [r["gb_per_s"] for r in gated], width=0.4, label="gated update")
     ax_bw.bar([x + 0.2 for x in xs], [r["copy_gb_per_s"] for r in gated], width=0.4, label="copy, same bytes")

@@ -9,6 +9,11 @@ benchmarks/results/kernels_aot.json and .png. Nothing is asserted.
 
 - Gated update (memory-bound): achieved GB/s of the forward and backward launchers, next to the
   bandwidth of a device copy (`torch.clone`) moving the same number of bytes in the same run.
+- Decode attention (one query per sequence, C = 1) over a preallocated cache buffer, B in {1, 8}, H=16, D=128,
+  bf16, the buffer filled to P in {1K, 8K, 32K} with 256 columns still unwritten after the fill: the three ways
+  MELT's decode step can attend (see `bench_decode_attention`), each as achieved GB/s over the K/V bytes of the
+  written columns, next to a device copy of the same bytes: the fraction of the bandwidth limit the attention
+  alone reaches.
 - Chunk attention, forward and backward, B=1, H=16, D=128, bf16, C in {1, 64, 500} queries over
   P in {1K, 8K, 32K} prefix rows read in place from a cache buffer. Compared on equal work with
   PyTorch SDPA (flash backend requested, bottom-right causal via `causal_lower_right`), timing
@@ -35,6 +40,9 @@ ATTN_CHUNKS = [1, 64, 500]
 ATTN_PREFIXES = [1024, 8192, 32768]
 ATTN_B, ATTN_H, ATTN_D = 1, 16, 128
 DTYPE = torch.bfloat16
+DECODE_BATCHES = [1, 8]
+DECODE_FILLS = [1024, 8192, 32768]
+DECODE_HEADROOM = 256  # unwritten columns after the fill: a static cache part way through its generate
 
 
 def _bench_ms(fn) -> float:
@@ -147,6 +155,57 @@ def bench_chunk_attention() -> list[dict]:
     return rows
 
 
+def bench_decode_attention(batches=DECODE_BATCHES, fills=DECODE_FILLS, heads: int = ATTN_H, head_dim: int = ATTN_D,
+                           dtype: torch.dtype = DTYPE, device: str = "cuda", time_ms=_bench_ms) -> list[dict]:
+    """One decode step's attention (C = 1) over a preallocated buffer filled to P, the ways MELT's step runs it:
+
+    - `triton_lengths`: `chunk_attention` with the prefix read in place and `prefix_lengths` = P; it skips the
+      unwritten columns and splits the keys over programs (flash-decoding). The eager step on CUDA, and compiled
+      with the backend forced to "triton" (`graphs+triton` in `benchmarks.gpu_suite`).
+    - `sdpa_written`: `melt.attention.cache_attention` over the P + 1 written columns (the token's own row
+      written first), no mask: the eager in-place step.
+    - `sdpa_buffer_mask`: the same over the whole buffer under an additive mask: the compiled in-place step (the
+      automatic backend, compiled); SDPA picks its kernel among those that take a mask.
+
+    Bytes are the K/V rows of the P + 1 written columns, what any of them must read; `copy_gb_per_s` is a device
+    copy (`clone`) of the same bytes timed the same way. Each row also records its output's largest difference
+    from the first way's, so a fast wrong path shows.
+    """
+    from melt.attention import cache_attention
+    from melt_kernels.chunk_attention import chunk_attention
+
+    rows = []
+    for B, P in ((B, P) for P in fills for B in batches):
+        def randn(*shape):
+            return torch.randn(shape, device=device, dtype=dtype)
+
+        S = P + 1 + DECODE_HEADROOM
+        q, k, v = randn(B, heads, 1, head_dim), randn(B, heads, 1, head_dim), randn(B, heads, 1, head_dim)
+        k_buf, v_buf = randn(B, heads, S, head_dim), randn(B, heads, S, head_dim)
+        k_buf[:, :, P:P + 1], v_buf[:, :, P:P + 1] = k, v  # the in-place step writes the token's row first
+        fill = torch.full((B,), P, device=device, dtype=torch.int32)
+        bias = torch.zeros(B, 1, 1, S, device=device, dtype=dtype)
+        bias[..., P + 1:] = float("-inf")
+        nbytes = 2 * B * heads * (P + 1) * head_dim * k_buf.element_size()
+        variants = {
+            "triton_lengths": lambda: chunk_attention(q, k, v, k_buf, v_buf, prefix_lengths=fill),
+            "sdpa_written": lambda: cache_attention(q, k_buf[:, :, :P + 1], v_buf[:, :, :P + 1], None, None),
+            "sdpa_buffer_mask": lambda: cache_attention(q, k_buf, v_buf, bias, None),
+        }
+        scratch = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        copy_ms = time_ms(scratch.clone)
+        first = None
+        for impl, fn in variants.items():
+            out = fn().float()
+            first = out if first is None else first  # every way computes the same attention: recorded, not asserted
+            ms = time_ms(fn)
+            rows.append({"op": "decode_attention", "impl": impl, "B": B, "P": P, "buffer_columns": S,
+                         "bytes": nbytes, "ms": ms, "gb_per_s": nbytes / ms / 1e6,
+                         "copy_ms": copy_ms, "copy_gb_per_s": nbytes / copy_ms / 1e6,
+                         "max_abs_diff_vs_triton_lengths": (out - first).abs().max().item()})
+    return rows
+
+
 def print_tables(gated: list[dict], attention: list[dict]) -> None:
     print("\nGated update (bf16): achieved bandwidth vs a device copy of the same bytes")
     print(f"{'shape':>18} {'dir':>4} {'MB':>9} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'% of copy':>10}")
@@ -164,10 +223,37 @@ def print_tables(gated: list[dict], attention: list[dict]) -> None:
         )
 
 
-def plot(gated: list[dict], attention: list[dict], device_name: str):
-    """Figure: gated-update GB/s next to the copy's; attention TFLOP/s over P, forward and backward."""
-    fig, axes = common.new_figure(ncols=3)
-    bw_ax, fwd_ax, bwd_ax = axes[0]
+def print_decode_table(decode: list[dict]) -> None:
+    print(f"\nDecode attention (bf16, C=1, H={ATTN_H}, D={ATTN_D}, buffer = P + 1 + {DECODE_HEADROOM} columns): "
+          "GB/s over the K/V rows written")
+    print(f"{'B':>3} {'P':>6} {'impl':>17} {'ms':>8} {'GB/s':>8} {'% of copy':>10} {'max |diff|':>11}")
+    for r in decode:
+        print(f"{r['B']:>3} {r['P']:>6} {r['impl']:>17} {r['ms']:8.4f} {r['gb_per_s']:8.0f} "
+              f"{100 * r['gb_per_s'] / r['copy_gb_per_s']:9.0f}% {r['max_abs_diff_vs_triton_lengths']:11.2e}")
+
+
+def plot_decode(ax, decode: list[dict]) -> None:
+    """Decode attention: % of a device copy of the same bytes over the fill, per way and batch."""
+    colors = dict(zip(sorted({r["impl"] for r in decode}), ("C0", "C1", "C2")))  # one colour per way
+    styles = dict(zip(sorted({r["B"] for r in decode}), ("-o", "--s")))  # one line style per batch
+    for impl, B in sorted({(r["impl"], r["B"]) for r in decode}):
+        color, style = colors[impl], styles[B]
+        pts = sorted((r for r in decode if (r["impl"], r["B"]) == (impl, B)), key=lambda r: r["P"])
+        ax.plot([r["P"] for r in pts], [100 * r["gb_per_s"] / r["copy_gb_per_s"] for r in pts], style, color=color,
+                label=f"{impl}, batch {B}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("fill P (written columns)")
+    ax.set_ylabel("% of a device copy of the same bytes")
+    ax.legend(fontsize=7)
+    ax.set_title("decode attention (C = 1)")
+
+
+def plot(gated: list[dict], attention: list[dict], decode: list[dict], device_name: str):
+    """Figure: gated-update GB/s next to the copy's; attention TFLOP/s over P, forward and backward; decode
+    attention as a fraction of a copy."""
+    fig, axes = common.new_figure(ncols=4)
+    bw_ax, fwd_ax, bwd_ax, decode_ax = axes[0]
+    plot_decode(decode_ax, decode)
     labels = [f"{tuple(r['shape'])}\n{r['direction']}" for r in gated]
     x = range(len(gated))
     bw_ax.bar([i - 0.2 for i in x], [r["gb_per_s"] for r in gated], width=0.4, label="gated_update")
@@ -272,16 +358,19 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda")
     gated = bench_gated_update()
+    decode = bench_decode_attention()  # SDPA's own kernel choice, as the model gets it
     # Lower-right causal SDPA runs flash where it can, else the memory-efficient kernel (never math).
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         attention = bench_chunk_attention()
     print_tables(gated, attention)
+    print_decode_table(decode)
 
     stem = common.DEFAULT_OUT_DIR / f"kernels_{common.device_slug(device)}"
     payload = {"machine": common.machine_info(device), "dtype": str(DTYPE), "gated_update": gated,
-               "chunk_attention": attention}
+               "chunk_attention": attention, "decode_attention": decode}
     json_path = common.write_json(stem.with_suffix(".json"), payload)
-    png_path = common.write_figure(stem.with_suffix(".png"), plot(gated, attention, common.device_name(device)))
+    png_path = common.write_figure(stem.with_suffix(".png"),
+                                   plot(gated, attention, decode, common.device_name(device)))
     print(f"\nwrote {json_path}\nwrote {png_path}")
     return 0
 

@@ -45,7 +45,8 @@ def test_dry_run_writes_one_json_the_pngs_and_the_summary(dry_run):
     assert all((out / n).stat().st_size > 1000 for n in names)
     summary = (out / f"{stem}.md").read_text()
     assert "DRY RUN" in summary and summary.strip() in proc.stdout  # printed at the end
-    for heading in ("## a. Tests", "## b. Kernels", "## Memory, tiny shape", "## d. Decode", "## e. Converter"):
+    for heading in ("## a. Tests", "## b. Kernels", "Decode attention (C = 1", "## Memory, tiny shape", "## d. Decode",
+                    "## e. Converter"):
         assert heading in summary
 
 
@@ -64,6 +65,12 @@ def test_dry_run_runs_every_part_and_records_what_it_measured(dry_run):
 
     assert data["b"]["gated_update"] and {r["impl"] for r in data["b"]["chunk_attention"]} == {
         "melt_triton", "sdpa_flash", "cat_sdpa_flash"}
+    decode_attention = data["b"]["decode_attention"]
+    ways = ("triton_lengths", "sdpa_written", "sdpa_buffer_mask")
+    assert {(r["impl"], r["B"], r["P"]) for r in decode_attention} == {
+        (impl, B, P) for impl in ways for B in (1, 2) for P in (16, 64)}
+    # the three ways compute the same attention (fp32 on CPU): the rows time equal work
+    assert all(r["max_abs_diff_vs_triton_lengths"] < 1e-5 and r["gb_per_s"] > 0 for r in decode_attention)
 
     for key in ("c", "f"):
         rows = {r["model"]: r for r in data[key]["rows"]}

@@ -645,7 +645,10 @@ class MeltModel(MeltPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))
         backend = resolve_backend(config.attention_backend, device)
         if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
-            backend = "auto"  # the Triton kernels launch outside graphs: the gate's plain lines, attention in place
+            # Compiled, "auto" is the in-place SDPA step and the gate's plain lines, which inductor fuses; a forced
+            # "triton" keeps the kernels, in the graph as melt:: operators. Which is faster on a GPU is measured by
+            # benchmarks.gpu_suite (part b: the attention alone; part d: graphs vs graphs+triton), not yet run.
+            backend = "auto"
         if backend in ("auto", "sdpa"):
             # Eager, the window is the columns written, this token's included: only padding needs a mask.
             visible = column <= fill if torch.compiler.is_compiling() else None  # [S]

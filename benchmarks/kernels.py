@@ -234,6 +234,9 @@ def print_decode_table(decode: list[dict]) -> None:
 
 def plot_decode(ax, decode: list[dict]) -> None:
     """Decode attention: % of a device copy of the same bytes over the fill, per way and batch."""
+    if not decode:  # a report from before these rows existed
+        ax.set_axis_off()
+        return
     colors = dict(zip(sorted({r["impl"] for r in decode}), ("C0", "C1", "C2")))  # one colour per way
     styles = dict(zip(sorted({r["B"] for r in decode}), ("-o", "--s")))  # one line style per batch
     for impl, B in sorted({(r["impl"], r["B"]) for r in decode}):

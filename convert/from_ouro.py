@@ -57,6 +57,7 @@ import torch
 
 from melt.configuration_melt import GATE_TYPES
 
+from . import atomic
 from . import train as training
 from .data import ASSETS_DIR, TINY_CORPUS, load_text_dataset, pack_sequences, split_holdout
 from .distill import compare_to_teacher, format_report
@@ -426,31 +427,24 @@ def _write_text_atomically(path: Path, text: str) -> None:
 
 def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -> None:
     """Write the converted model to a temporary sibling of --out, then rename it into place (an --overwrite'n
-    --out is kept until the new one is complete). Any failure removes the temporary directory and raises an
-    OSError naming the path and saying that --resume finishes without retraining."""
+    --out is kept until the new one is complete: `atomic.staged_directory`). Any failure removes the temporary
+    directory and raises an OSError naming the path and saying that --resume finishes without retraining."""
     out = a.out
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    previous = out.with_name(f".{out.name}.{os.getpid()}.old")
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
     try:
-        model.config.use_cache = True
-        model.save_pretrained(staging)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, staging / name)
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if (work_dir / "log.jsonl").is_file():
-            shutil.copy2(work_dir / "log.jsonl", staging / "train_log.jsonl")
-        (staging / "README.md").write_text(MODEL_CARD.format(name=out.name, ouro=a.ouro, out=out))
-        if out.exists():  # --overwrite
-            os.rename(out, previous)
-        os.rename(staging, out)
-    except BaseException as err:
-        if previous.exists() and not out.exists():
-            os.rename(previous, out)
-        if not isinstance(err, Exception) or isinstance(err, training.Interrupted):
+        with atomic.staged_directory(out) as staging:
+            model.config.use_cache = True
+            model.save_pretrained(staging)
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, staging / name)
+            (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            if (work_dir / "log.jsonl").is_file():
+                shutil.copy2(work_dir / "log.jsonl", staging / "train_log.jsonl")
+            (staging / "README.md").write_text(MODEL_CARD.format(name=out.name, ouro=a.ouro, out=out))
+    except Exception as err:
+        if isinstance(err, training.Interrupted):
             raise
+        staging = atomic.staging_dir(out)
         kept = f"the trained weights are safe in {work_dir / 'checkpoint.pt'}"
         then = "rerun the same command with --resume added (no retraining)"
         if training.is_disk_full(err):
@@ -463,10 +457,6 @@ def _write_output(a, model, tokenizer_dir: Path, report: dict, work_dir: Path) -
             f"writing the converted model to {staging} failed ({type(err).__name__}: {err}); {kept}: fix the cause, "
             f"then {then}",
         ) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(previous, ignore_errors=True)
 
 
 def _push(out: Path, repo: str) -> None:

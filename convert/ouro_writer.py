@@ -7,7 +7,8 @@ and the converter read (MELT_SPEC section 1).
   tied), in the model's dtype, which the config's `torch_dtype` names.
 * The tokenizer files, copied.
 
-The directory is written beside its target and renamed into place, so a crash never leaves a half-written checkpoint.
+The directory is written beside its target and renamed into place (`convert.atomic.staged_directory`), so a crash
+never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -21,17 +22,14 @@ from safetensors.torch import save_file
 
 from melt.ouro_checkpoint import melt_config_to_ouro
 
+from .atomic import staged_directory
+
 
 def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
     """Write `model` (per_loop) as an Ouro checkpoint directory at `out` (replaced), atomically."""
     # Refuses a shared-cache model before anything is written.
     config = melt_config_to_ouro(model.config, next(model.parameters()).dtype)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_directory(Path(out)) as staging:
         state = {name: t.detach().contiguous().clone() for name, t in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -42,8 +40,3 @@ def write_ouro_checkpoint(model, tokenizer_dir: Path | None, out: Path) -> None:
             for file in sorted(Path(tokenizer_dir).iterdir()):
                 if file.is_file():
                     shutil.copy2(file, staging / file.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from .atomic import staged_directory
 
 # Ouro's special tokens, in id order (ids 0..4).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -62,27 +63,6 @@ def training_texts(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
                 yield f"{message['role']}\n{message['content']}"
         else:
             raise ValueError(f"record {index} has neither 'text' nor 'messages' (fields: {sorted(record)})")
-
-
-def _save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    """save_pretrained into a sibling temporary directory, then move it into place with renames."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    previous = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tokenizer.save_pretrained(staging, save_jinja_files=False)
-        if out_dir.exists():
-            os.rename(out_dir, previous)
-        os.rename(staging, out_dir)
-    except BaseException:
-        if previous.exists() and not out_dir.exists():
-            os.rename(previous, out_dir)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
 
 
 def build_tokenizer(
@@ -127,7 +107,8 @@ def build_tokenizer(
         chat_template=CHATML_TEMPLATE,
     )
     if out_dir is not None:
-        _save_atomically(tokenizer, Path(out_dir))
+        with staged_directory(Path(out_dir)) as staging:
+            tokenizer.save_pretrained(staging, save_jinja_files=False)
     return tokenizer
 
 

@@ -134,12 +134,13 @@ COMPILERS = {
 
 @torch.no_grad()
 def ms_per_token(model, prompt: torch.Tensor, steps: int, compilers: list[str]) -> list[dict]:
-    variants = [("eager", model)]
-    for backend in compilers:
-        torch._dynamo.reset()
-        variants.append((COMPILERS[backend], torch.compile(model, fullgraph=True, dynamic=False, backend=backend)))
     rows = []
-    for name, step in variants:
+    for backend in [None, *compilers]:
+        name, step = "eager", model
+        if backend is not None:
+            # torch.compile only wraps; the compile happens at the first step, so forget earlier graphs right here.
+            torch._dynamo.reset()
+            name, step = COMPILERS[backend], torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
         cache = model.new_cache(max_cache_len=prompt.shape[1] + steps + 1)
         token = model(prompt, cache=cache, logits_to_keep=1).logits.argmax(-1)
         times = []

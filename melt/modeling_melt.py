@@ -594,16 +594,16 @@ class MeltModel(MeltPreTrainedModel):
         Two ways to attend, each reading a (layer, loop)'s slot buffer (`[B, kv_heads, max_cache_len, D]`) in place,
         never a copy:
         - in place (`cache_attention`, SDPA): every backend but a forced "triton", "eager" or "flash", i.e. "auto" off
-          CUDA, "sdpa", and "auto" when compiled (the Triton kernels launch outside a graph). Each (layer, loop)
-          first writes the new token's rows at column `fill`, the column the token owns (MELT_SPEC: one row per
-          token, overwritten across loops), then attends over the columns `<= fill` that are not padding: compiled,
-          the whole buffer under a mask; eager, only those columns (the host knows `fill`), masked only for padding.
-          After the last loop the shared column holds the final row and per-loop rows are in their slots: nothing
-          is left to write.
-        - prefix + chunk (`chunk_attention` with `prefix_lengths = fill`): the Triton kernels (CUDA, eager), which
-          skip the key blocks past `fill`, and the eager reference. The new token's rows of the current loop are the
-          chunk (C = 1); per-loop rows are written at `fill` as soon as they exist, the shared row after the last
-          loop.
+          CUDA, "sdpa", and "auto" when compiled (a choice, not a constraint: see the comment where it is set). Each
+          (layer, loop) first writes the new token's rows at column `fill`, the column the token owns (MELT_SPEC: one
+          row per token, overwritten across loops), then attends over the columns `<= fill` that are not padding:
+          compiled, the whole buffer under a mask; eager, only those columns (the host knows `fill`), masked only
+          for padding. After the last loop the shared column holds the final row and per-loop rows are in their
+          slots: nothing is left to write.
+        - prefix + chunk (`chunk_attention` with `prefix_lengths = fill`): the Triton kernels (CUDA eager, and a
+          forced "triton" compiled, where they are graph operators), which skip the key blocks past `fill`, and the
+          eager reference. The new token's rows of the current loop are the chunk (C = 1); per-loop rows are written
+          at `fill` as soon as they exist, the shared row after the last loop.
         Then `fill` (a `[1]` device counter) advances. Positions come from the mask (or from `fill`) as tensors.
         `attention_mask` may be `[B, fill + 1]` (generate's growing mask) or `[B, max_cache_len]` (the fixed-width
         mask `create_masks_for_generate` gives a compiled step).
@@ -642,7 +642,8 @@ class MeltModel(MeltPreTrainedModel):
                 position_ids = (mask & (column < fill)).sum(-1, keepdim=True)
         if position_ids is None:
             position_ids = fill.view(1, 1).expand(batch, 1)
-        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, self._compute_dtype(embeds))
+        dtype = self._compute_dtype(embeds)  # of the queries, the rows and the attention bias
+        cos, sin = rotary_cos_sin(position_ids, config.head_dim, config.rope_theta, dtype)
         backend = resolve_backend(config.attention_backend, device)
         if torch.compiler.is_compiling() and requested_backend(config.attention_backend) == "auto":
             # Compiled, "auto" is the in-place SDPA step and the gate's plain lines, which inductor fuses; a forced
@@ -658,7 +659,7 @@ class MeltModel(MeltPreTrainedModel):
                 no_key = ~visible.any(-1).view(batch, 1, 1, 1)
             if visible is not None:
                 # Additive, built once per step: SDPA would turn a bool mask into this at each (layer, loop).
-                bias = torch.zeros(visible.shape, dtype=self._compute_dtype(embeds), device=device)
+                bias = torch.zeros(visible.shape, dtype=dtype, device=device)
                 bias = bias.masked_fill(~visible, float("-inf")).view(-1, 1, 1, width)
             in_place = _InPlaceRows(cache.static_place_rows, width, bias, no_key)
             inputs = _LayerInputs(cos, sin, None, None, backend, in_place=in_place)

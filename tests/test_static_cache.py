@@ -226,10 +226,10 @@ def test_compiled_step_equals_eager_for_per_loop_caches_and_early_exit(cache_mod
     assert_close(steps[real], eager[real], atol=ATOL)
 
 
-def test_compiled_step_on_cuda_calls_no_kernel_that_launches_outside_graphs(monkeypatch):
-    """On CUDA "auto" resolves to the Triton kernels, which launch outside graphs (`torch.compiler.disable`): the
-    compiled step must use neither the attention kernel nor the gate's, or `fullgraph=True` fails. Here the
-    resolution is forced to "triton" on CPU; the eager steps run the kernels (under the interpreter) meanwhile."""
+def test_compiled_auto_step_where_auto_resolves_to_triton_is_one_graph_equal_to_eager(monkeypatch):
+    """On CUDA "auto" resolves to the Triton kernels; compiled, "auto" takes the in-place step and the gate's plain
+    lines instead. Here the resolution is forced to "triton" on CPU: the compiled step must trace as one graph
+    (`fullgraph=True`) and equal the eager steps, which take the kernels' path."""
     import torch._dynamo
 
     import melt.modeling_melt as modeling
